@@ -1,0 +1,3 @@
+from agent_prune.cli import entry_point
+
+entry_point()

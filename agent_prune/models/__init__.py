@@ -1,0 +1,1 @@
+"""Loading, family adapters, parameter accounting, export and reload."""

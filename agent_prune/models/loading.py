@@ -1,0 +1,263 @@
+"""Load a model and its tokenizer from a Hugging Face folder, a ``.gguf`` file, or a hub id.
+
+A ``.gguf`` file is dequantised by transformers (tokenizer and chat template come from the same
+file). Dequantising is slow (about 20 s for a 135M model on 2 cores), so the dense result is cached
+as a plain Hugging Face folder under ``$AGENT_PRUNE_CACHE`` (default ``~/.cache/agent-prune``) and
+later loads read that folder; the cache key covers the file's path, size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from agent_prune.errors import InputError
+from agent_prune.models.adapters import FamilyAdapter, adapter_class_for
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. ``path`` is a folder (with ``gguf_file`` inside it) or a hub id."""
+
+    spec: str
+    kind: str  # "hf_dir" | "gguf" | "hub" | "export"
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return str(Path(self.path) / self.gguf_file) if self.gguf_file else self.path
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the weights: changes when the file or folder content changes."""
+        h = hashlib.sha256(self.kind.encode())
+        if self.kind == "hub":
+            h.update(self.path.encode())
+            return h.hexdigest()[:16]
+        root = Path(self.path)
+        if self.gguf_file:
+            files = [root / self.gguf_file]
+        else:
+            files = sorted(p for p in root.iterdir() if p.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: ModelSource
+    adapter: FamilyAdapter
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Turn ``--model`` into a :class:`ModelSource`, or raise a one-line :class:`InputError`."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if not path.name.lower().endswith(".gguf"):
+            raise InputError(
+                f"{spec} is a file but not a .gguf model",
+                "pass a Hugging Face model folder, a .gguf file, or a hub id",
+            )
+        _check_gguf_magic(path)
+        return ModelSource(spec, "gguf", str(path.parent.resolve()), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            kind = "export" if (path / "agent_prune_manifest.json").is_file() else "hf_dir"
+            return ModelSource(spec, kind, str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return resolve_model_source(str(ggufs[0]))
+        raise InputError(
+            f"{spec} is a folder without config.json"
+            + (f" and with {len(ggufs)} .gguf files" if ggufs else " or .gguf file"),
+            "pass a Hugging Face model folder or one .gguf file",
+        )
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, "hub", spec)
+    raise InputError(f"model path {spec} does not exist", "check the path passed to --model")
+
+
+def _check_gguf_magic(path: Path) -> None:
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}", "check the file's permissions") from None
+    if magic != b"GGUF":
+        raise InputError(f"{path} is not a GGUF file (bad magic bytes)", "pass a valid .gguf model file")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' requested but CUDA is not available", "use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise InputError(f"unknown device '{device}'", "use --device cpu or --device cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("AGENT_PRUNE_CACHE", Path.home() / ".cache" / "agent-prune"))
+
+
+def load_config(source: ModelSource):
+    """Read only the config (cheap), so an unsupported family fails before weights load."""
+    from transformers import AutoConfig
+
+    try:
+        if source.kind == "gguf":
+            return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=source.kind == "export")
+    except OSError as exc:
+        raise InputError(f"cannot load a model config from {source.display}: {_first_line(exc)}",
+                         "check the path, or that the hub is reachable for a hub id") from None
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"{source.display} is not a readable model: {_first_line(exc)}",
+                         "pass a Hugging Face model folder or a .gguf file") from None
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load model + tokenizer for ``spec``; every failure is a one-line :class:`AgentPruneError`."""
+    source = resolve_model_source(spec)
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    if source.kind == "export":
+        from agent_prune.models.export import load_pretrained
+
+        model, tokenizer = load_pretrained(source.path, dtype=torch_dtype)
+    else:
+        config = load_config(source)
+        adapter_class_for(config.model_type)  # fail fast on unsupported families
+        folder, gguf_file = _dense_folder(source)
+        model, tokenizer = _load_hf(folder, gguf_file, torch_dtype, source)
+    model.to(torch_device).eval()
+    tokenizer = prepare_tokenizer(tokenizer)
+    return LoadedModel(model, tokenizer, source, adapter_class_for(model.config.model_type)(model))
+
+
+def prepare_tokenizer(tokenizer):
+    """Batching needs a pad token; causal LMs without one reuse EOS (masked out anyway)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_hf(folder: str, gguf_file: str | None, dtype: torch.dtype, source: ModelSource):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"cannot load model from {source.display}: {_first_line(exc)}",
+                         "check that the folder or file holds complete model weights") from None
+    return model, tokenizer
+
+
+def _dense_folder(source: ModelSource) -> tuple[str, str | None]:
+    """Folder (and gguf file name) to load from; GGUF files go through the dequantised cache."""
+    if source.kind != "gguf":
+        return source.path, None
+    target = cache_root() / "gguf" / source.fingerprint()
+    if (target / "config.json").is_file():
+        return str(target), None
+    try:
+        _write_dense_cache(source, target)
+    except OSError:
+        return source.path, source.gguf_file  # a read-only cache is no reason to fail
+    return str(target), None
+
+
+def _write_dense_cache(source: ModelSource, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        save_dense(model, tokenizer, tmp)
+        (tmp / "agent_prune_source.json").write_text(json.dumps({"gguf": source.display}))
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_dense(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Save a model as a plain HF folder, even one loaded from GGUF (which refuses save_pretrained).
+
+    Builds a fresh model from the config with the quantization entry dropped and loads the state
+    dict strictly, so what is saved is exactly the tensors in memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = clean_config(model.config)
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
+    fresh.tie_weights()
+    fresh.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def clean_config(config):
+    """A deep copy of ``config`` without GGUF quantization bookkeeping."""
+    import copy
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    return config
+
+
+class _quiet_transformers:
+    """Silence transformers' progress bars and warnings while loading (the CLI shows its own)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self._warnings = logging.getLogger("transformers").level
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._level)
+        hf_logging.enable_progress_bar()
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random models for every supported family, and the shared real model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("AGENT_PRUNE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED_GGUF = SHARED / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DATA = SHARED / "data"
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
+
+
+def tiny_config(family: str, **overrides):
+    """A config small enough to build and run in milliseconds, with GQA (4 query / 2 KV heads)."""
+    from transformers import AutoConfig
+
+    params = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    params.update(overrides)
+    return AutoConfig.for_model(family, **params)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+def require_shared() -> None:
+    if not SHARED_GGUF.is_file():
+        pytest.skip(f"shared model not found at {SHARED_GGUF}")
+
+
+@pytest.fixture(scope="session")
+def shared_model():
+    """The real shared model (dequantised GGUF), loaded once per test session."""
+    require_shared()
+    from agent_prune.models.loading import load_model
+
+    return load_model(str(SHARED_GGUF))
