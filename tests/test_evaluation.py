@@ -14,11 +14,12 @@ from agent_prune.data.tasks import QAItem
 from agent_prune.errors import InputError
 from agent_prune.evaluation import knowledge
 from agent_prune.evaluation.divergence import reference_log_probs, window_kl
-from agent_prune.evaluation.harness import parse_tasks, run_tasks
+from agent_prune.evaluation.harness import run_tasks
 from agent_prune.evaluation.loop import LoopEvaluator, compare_records, gate_records
 from agent_prune.evaluation.perplexity import perplexity, window_nlls
 from agent_prune.evaluation.scoring import ScoringRequest, continuation_logliks, greedy_generate
 from agent_prune.evaluation.stats import compare_paired
+from agent_prune.evaluation.task_names import parse_tasks
 from agent_prune.models.adapters import adapter_for
 from tests.conftest import tiny_model
 from tests.tiny_data import byte_tokenizer, write_data_dir

@@ -14,7 +14,7 @@ from agent_prune.commands.common import (
 )
 from agent_prune.data.sources import resolve_data_dir
 from agent_prune.errors import InputError
-from agent_prune.evaluation.harness import TASKS, parse_tasks, run_tasks
+from agent_prune.evaluation.task_names import TASKS, parse_tasks
 
 # metric name -> how the table shows it (label, scale, digits)
 DISPLAY = {
@@ -50,6 +50,7 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     data_dir = resolve_data_dir(args.data_dir)
+    from agent_prune.evaluation.harness import run_tasks  # torch is imported only past flag checks
     from agent_prune.models.loading import load_model
 
     with stderr_console.status(f"loading {args.model}", spinner="dots") if not args.quiet else _null():

@@ -12,27 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent_prune.data.corpora import split_windows, tokenize_text, wikitext2_text
-from agent_prune.data.tasks import MC_FILES, choice_items, freebaseqa_items
-from agent_prune.errors import InputError
+from agent_prune.data.tasks import choice_items, freebaseqa_items
 from agent_prune.evaluation import knowledge
 from agent_prune.evaluation.multiple_choice import choice_accuracy
 from agent_prune.evaluation.perplexity import perplexity
 from agent_prune.evaluation.progress import NO_PROGRESS, Progress
 from agent_prune.evaluation.stats import Estimate, mean_estimate
+from agent_prune.evaluation.task_names import parse_tasks
 
-TASKS = ("wikitext2", "freebaseqa", *MC_FILES)
 FREEBASEQA_DISTRACTORS = 3
 DISTRACTOR_SEED = 0
-
-
-def parse_tasks(text: str | Sequence[str]) -> list[str]:
-    """Task names from ``"a,b"`` or a list; unknown names are an :class:`InputError`."""
-    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown or not names:
-        raise InputError(f"unknown task {', '.join(unknown)!s}" if unknown else "no task given",
-                         f"choose from {', '.join(TASKS)}")
-    return list(dict.fromkeys(names))
 
 
 def figures(**estimates: Estimate) -> dict[str, float]:
