@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve on shared cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's agent_prune
 
 import torch
 

@@ -2,7 +2,8 @@
 
 Loads the GGUF with ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` (not the package's
 loader), reads the data files with ``json``/``open``, and recomputes each figure the slow, obvious way:
-perplexity with ``labels=`` per window; LLM-KICK exact match with unbatched ``generate``; gold and
+perplexity with ``labels=`` per window; LLM-KICK exact match with unbatched ``generate`` (after the
+prompt without its trailing space, as the package does); gold and
 distractor log-likelihoods from one full ``prompt.rstrip() + " " + answer`` forward each; ARC by full
 ``"Question: q\\nAnswer: choice"`` forwards. Only the FreebaseQA distractors come from the package
 (``draw_distractors``): they define the items, they are not part of the measurement.
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve on shared cores
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's agent_prune
 
 import torch
 
@@ -78,7 +80,7 @@ def reference_freebaseqa(model, tokenizer, data_dir: Path, limit: int) -> dict[s
     hits, gold, margins = [], [], []
     for item, wrong in zip(items, distractors):
         prompt = PROMPT.format(question=item.question)
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt.rstrip(), return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         text = "".join(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).lower().split())
         hits.append(float(any("".join(a.split()) in text for a in item.answers)))

@@ -89,7 +89,8 @@ def freebaseqa_task(model, tokenizer, data_dir, *, limit, batch_size, progress, 
         "questions": len(items), "mc_choices": FREEBASEQA_DISTRACTORS + 1,
         "distractor_seed": DISTRACTOR_SEED,
         "protocol": ("FreebaseQA dev, first N questions. exact_match: LLM-KICK prompt "
-                     f"{knowledge.PROMPT!r}, greedy, {knowledge.MAX_NEW_TOKENS} new tokens, hit if an "
+                     f"{knowledge.PROMPT!r} (generation starts after its trailing space), greedy, "
+                     f"{knowledge.MAX_NEW_TOKENS} new tokens, hit if an "
                      "alias (lowercased, spaces removed) is in the output. gold_loglik: sum log p of "
                      "' '+alias after prompt.rstrip(), best alias (nats). mc_*: gold vs "
                      f"{FREEBASEQA_DISTRACTORS} distractors (other questions' answers of the same kind, "

@@ -2,7 +2,10 @@
 
 - Exact match follows LLM-KICK (arXiv 2310.01382): prompt ``"Please give answer to this question:
   {q}\\nThe answer is "``, greedy decoding, a hit when any alias (lowercased, spaces removed) occurs in
-  the lowercased, space-removed output. Too sparse on small models to steer by; reported only.
+  the lowercased, space-removed output. The prompt's trailing space is left for the model to produce
+  (generation starts after ``prompt.rstrip()``): BPE tokenizers attach a space to the following word,
+  and a prompt ending in a bare space token makes SmolLM2 answer with digits (0 hits in the first 300
+  questions, against a few with the space stripped). Too sparse on small models to steer by; reported only.
 - Gold log-likelihood: teacher-forced sum of log-probs of ``" " + alias`` after ``prompt.rstrip()``
   (BPE tokenizers attach the space to the word), best alias. Rises when layers are removed (a flatter
   distribution lifts rare answers), so it is reported, never gated on.
@@ -52,7 +55,8 @@ def exact_match(
     max_new_tokens: int = MAX_NEW_TOKENS, advance: Advance | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Per-question hits (float 0/1) of the LLM-KICK probe, and the generated texts."""
-    prompts = [tokenizer(prompt_for(item.question), add_special_tokens=True).input_ids for item in items]
+    prompts = [tokenizer(prompt_for(item.question).rstrip(), add_special_tokens=True).input_ids
+               for item in items]
     generated = greedy_generate(model, prompts, pad_id=pad_token_id(tokenizer),
                                 eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, advance=advance)
