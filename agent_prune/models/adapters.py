@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from agent_prune.errors import UnsupportedModelError
@@ -67,6 +68,14 @@ class FamilyAdapter:
 
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
+
+    def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits from the last decoder layer's output: final norm, lm_head, final soft-capping."""
+        logits = self.lm_head()(self.final_norm()(hidden_states))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @property
     def head_dim(self) -> int:
