@@ -36,6 +36,27 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def tiny_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (fits the tiny models' vocabulary), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=symbols[0])
+
+
+def save_tiny(folder, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny model with its tokenizer as a Hugging Face folder (for CLI and loading tests)."""
+    folder = Path(folder)
+    tiny_model(family, seed, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
