@@ -14,6 +14,10 @@ SHARED_DATA = SHARED / "data"
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
 
+# Tests share 2 cores with other jobs: with 2 intra-op threads a tiny forward pass took ~1 s under
+# load (threads wait on each other), with 1 thread ~2 ms. Override with AGENT_PRUNE_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("AGENT_PRUNE_TEST_THREADS", "1")))
+
 
 def tiny_config(family: str, **overrides):
     """A config small enough to build and run in milliseconds, with GQA (4 query / 2 KV heads)."""

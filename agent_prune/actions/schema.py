@@ -34,8 +34,6 @@ Amount = Union[int, float]  # noqa: UP007 - pydantic's smart union keeps 1 an in
 def _check_amount(value: Amount | None) -> Amount | None:
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ValueError("must be an int count or a float fraction, not a boolean")
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"count {value} is negative")
@@ -81,6 +79,13 @@ class PruneWidth(_ActionBase):
         None, description="query heads to remove per KV group: count, or fraction of heads per group"
     )
     mlp_channels: Amount | None = Field(None, description="MLP channels to remove: count, or fraction")
+
+    @field_validator("kv_groups", "heads", "mlp_channels", mode="before")
+    @classmethod
+    def _not_boolean(cls, value):
+        if isinstance(value, bool):
+            raise ValueError("must be an int count or a float fraction, not a boolean")
+        return value
 
     @field_validator("kv_groups", "heads", "mlp_channels")
     @classmethod

@@ -89,8 +89,11 @@ def plan_prune_width(action: PruneWidth, manifest: Manifest, ctx: ApplyContext) 
     record = manifest.layers[action.layer]
     n_kv, n_heads, n_channels = _counts(action, record)
     source, base_hpg = record.source, manifest.base.widths[record.source].heads_per_group
+    # A protected head keeps its KV group; a protected KV group keeps all its heads.
+    guarded_groups = ctx.protected.of(source, "kv_groups")
     guarded_heads = ctx.protected.of(source, "heads")
-    guarded_groups = ctx.protected.of(source, "kv_groups") | {h // base_hpg for h in guarded_heads}
+    guarded_heads |= {h for h in record.heads if h // base_hpg in guarded_groups}
+    guarded_groups |= {h // base_hpg for h in guarded_heads}
     sources: dict[str, str] = {}
 
     cut_groups = _select(ctx, action, source, "kv_groups", record.kv_heads, n_kv, guarded_groups, sources)
