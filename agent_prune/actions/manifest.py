@@ -255,23 +255,26 @@ def _resolve_module(adapter: FamilyAdapter, manifest: Manifest, key: str) -> nn.
     return adapter.layers()[positions[int(source)]].get_submodule(path)
 
 
+def _side_params(adapter: FamilyAdapter, manifest: Manifest):
+    """``(tensor key, parameter, is_mask)`` for every side tensor of ``manifest`` in this model."""
+    for key in manifest.overridden:
+        for name, param in _resolve_module(adapter, manifest, key).named_parameters(recurse=False):
+            yield f"{key}.{name}", param, False
+    for key in manifest.masked:
+        if key not in manifest.overridden:  # an override already holds the zeros
+            yield f"{key}.weight{MASK_SUFFIX}", _resolve_module(adapter, manifest, key).weight, True
+
+
 def side_tensors(model: nn.Module, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Tensors replay needs beyond the base model: overridden params and masks, by stable key.
 
     ``{"L12.mlp.down_proj.weight": values, "L3.self_attn.q_proj.weight.mask": bool keep-mask, ...}``
-    (CPU, contiguous; save with safetensors). A mask is not stored for an overridden module: its
-    values already hold the zeros.
+    (CPU, contiguous; save with safetensors).
     """
-    adapter = adapter_for(model)
-    out: dict[str, torch.Tensor] = {}
-    for key in manifest.overridden:
-        for name, param in _resolve_module(adapter, manifest, key).named_parameters(recurse=False):
-            out[f"{key}.{name}"] = param.detach().to("cpu", copy=True).contiguous()
-    for key in manifest.masked:
-        if key not in manifest.overridden:
-            weight = _resolve_module(adapter, manifest, key).weight
-            out[f"{key}.weight{MASK_SUFFIX}"] = (weight.detach() != 0).cpu().contiguous()
-    return out
+    return {
+        key: ((param.detach() != 0) if is_mask else param.detach()).to("cpu", copy=True).contiguous()
+        for key, param, is_mask in _side_params(adapter_for(model), manifest)
+    }
 
 
 def replay(base_model: nn.Module, manifest: Manifest, tensors: dict[str, torch.Tensor] | None = None
@@ -285,39 +288,22 @@ def replay(base_model: nn.Module, manifest: Manifest, tensors: dict[str, torch.T
 
     check_base_matches(base_model, manifest)
     tensors = tensors or {}
-    needed = set(side_tensor_keys(manifest, base_model))
-    if missing := sorted(needed - set(tensors)):
-        raise InputError(f"replay needs side tensors the caller did not pass: {', '.join(missing[:3])}"
-                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
-                         "pass tensors=side_tensors(pruned_model, manifest) (or the checkpoint's copy)")
     model = copy.deepcopy(base_model)
     adapter = adapter_for(model)
     restructure(adapter, dense_manifest(base_model).layers, manifest.layers)
+    side = list(_side_params(adapter, manifest))
+    if missing := [key for key, _, _ in side if key not in tensors]:
+        raise InputError(f"replay needs side tensors the caller did not pass: {', '.join(missing[:3])}"
+                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
+                         "pass tensors=side_tensors(pruned_model, manifest) (or the checkpoint's copy)")
     with torch.no_grad():
-        for key in manifest.masked:
-            if key not in manifest.overridden:
-                weight = _resolve_module(adapter, manifest, key).weight
-                weight.masked_fill_(~tensors[f"{key}.weight{MASK_SUFFIX}"].to(weight.device), 0)
-        for key in manifest.overridden:
-            for name, param in _resolve_module(adapter, manifest, key).named_parameters(recurse=False):
-                _copy_exact(param, tensors[f"{key}.{name}"], f"{key}.{name}")
+        for key, param, is_mask in side:  # an overridden module brings no mask tensor
+            value = tensors[key]
+            if value.shape != param.shape:
+                raise InputError(f"side tensor {key} has shape {tuple(value.shape)}, the model needs "
+                                 f"{tuple(param.shape)}", "pass the tensors saved with this manifest")
+            if is_mask:
+                param.masked_fill_(~value.to(param.device, torch.bool), 0)
+            else:
+                param.copy_(value.to(param.device, param.dtype))
     return model
-
-
-def side_tensor_keys(manifest: Manifest, model: nn.Module) -> list[str]:
-    """Keys :func:`side_tensors` produces for ``manifest`` (``model``: any model of the same family)."""
-    keys = [f"{key}.weight{MASK_SUFFIX}" for key in manifest.masked if key not in manifest.overridden]
-    for key in manifest.overridden:
-        # Parameter names depend only on the module type, which the base model shares.
-        path = key.partition(".")[2] if key.startswith("L") else key
-        module = adapter_for(model).layers()[0].get_submodule(path) if key.startswith("L") else \
-            model.get_submodule(path)
-        keys += [f"{key}.{name}" for name, _ in module.named_parameters(recurse=False)]
-    return keys
-
-
-def _copy_exact(param: nn.Parameter, value: torch.Tensor, key: str) -> None:
-    if value.shape != param.shape:
-        raise InputError(f"side tensor {key} has shape {tuple(value.shape)}, the model needs "
-                         f"{tuple(param.shape)}", "pass the tensors saved with this manifest")
-    param.copy_(value.to(param.device, param.dtype))
