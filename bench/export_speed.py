@@ -12,7 +12,7 @@
    last position only, as ``generate`` does); decode = ``--decode-tokens`` single-token steps with the
    KV cache after a ``--context``-token prompt. Repetitions are interleaved (dense, depth, width,
    order rotated each round) so that load from other jobs on the shared CPU hits every variant alike;
-   the median is reported.
+   the median is reported. One torch thread by default (see --threads).
 Prints a table and writes JSON (default ``bench/results/export_speed.json``).
 """
 
@@ -155,7 +155,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on 2 cores shared with other jobs, 2 threads "
+                             "measured 4-5x slower than 1, since each op waits for a descheduled thread)")
     parser.add_argument("--prompt", default="The capital of France is")
     args = parser.parse_args()
 

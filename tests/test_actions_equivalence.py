@@ -126,3 +126,13 @@ def test_scores_follow_layers_through_renumbering(family):
 def test_weight_magnitude_fallback_is_recorded():
     _, manifest = prune("llama", [{"kind": "prune_width", "layer": 0, "mlp_channels": 4}])
     assert manifest.actions[0].score_sources == {"mlp_channels": "weight_magnitude"}
+
+
+
+def test_config_states_the_widest_layer():
+    uniform = [{"kind": "prune_width", "layer": i, "heads": 1, "mlp_channels": 6} for i in range(4)]
+    model, manifest = prune("qwen3", uniform)
+    config = model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 2, 90)
+    apply_actions(model, [{"kind": "prune_width", "layer": 0, "kv_groups": 1}], manifest)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 2, 16)

@@ -105,3 +105,18 @@ def restructure(adapter: FamilyAdapter, old: list[LayerRecord], new: list[LayerR
         restructure_layer(adapter, adapter.layers()[keep[-1]], old[keep[-1]], record)
     if keep != list(range(len(old))):
         adapter.keep_layers(keep)
+    sync_config_widths(adapter)
+
+
+def sync_config_widths(adapter: FamilyAdapter) -> None:
+    """Make the config's global widths say the widest layer (exact when all layers agree).
+
+    Forward passes never read them (attention reshapes with head_dim), but tools that save or
+    pre-allocate do. head_dim is written first so no family re-derives it from the head count.
+    """
+    widths = [adapter.layer_widths(layer) for layer in adapter.layers()]
+    config = adapter.config
+    config.head_dim = adapter.head_dim
+    config.num_attention_heads = max(w.num_heads for w in widths)
+    config.num_key_value_heads = max(w.num_kv_heads for w in widths)
+    config.intermediate_size = max(w.intermediate_size for w in widths)

@@ -79,7 +79,7 @@ def export_config(model: nn.Module, manifest: Manifest):
     for attribute in (WIDTHS_KEY, "auto_map"):
         if hasattr(config, attribute):
             delattr(config, attribute)
-    # Global fields hold the widest layer: an upper bound for tools that pre-allocate.
+    # Global fields hold the widest layer (exact when uniform; an upper bound for pre-allocation).
     config.num_attention_heads = max(w.num_heads for w in widths)
     config.num_key_value_heads = max(w.num_kv_heads for w in widths)
     config.intermediate_size = max(w.intermediate_size for w in widths)
