@@ -40,6 +40,8 @@ class FamilyAdapter:
     # Config attributes holding one entry per decoder layer: sliced when layers are removed.
     per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
     attention_attr: ClassVar[str] = "self_attn"
+    # Dotted path of the decoder-layer list inside the *ForCausalLM model (for generated code).
+    layers_path: ClassVar[str] = "model.layers"
     mlp_attr: ClassVar[str] = "mlp"
 
     def __init__(self, model: nn.Module):
@@ -88,7 +90,7 @@ class FamilyAdapter:
 
     def layer_key_prefix(self, index: int) -> str:
         """State-dict prefix of decoder layer ``index`` (e.g. ``model.layers.3.``)."""
-        return f"model.layers.{index}."
+        return f"{self.layers_path}.{index}."
 
     # ---- one layer ---------------------------------------------------------------------------
     def attention(self, layer: nn.Module) -> nn.Module:
