@@ -62,7 +62,7 @@ class HealReport(BaseModel):
     seconds: float  # training time (excluding the progress callback and the KL measurements)
     stopped_by: Literal["tokens", "seconds"]
     settings: HealSettings
-    overrides: list[str]  # stable keys of the weights healing changed, e.g. "L12.mlp.down_proj.weight"
+    overrides: list[str]  # stable keys of the modules healing changed, e.g. "L12.mlp.down_proj"
     curve: list[HealPoint]
 
 
@@ -251,7 +251,7 @@ def _chosen_linears(model: nn.Module, modules: Sequence[str]):
 def _override_keys(model, modules, sources) -> list[str]:
     keys = []
     for (index, name), _linear in _chosen_linears(model, modules):
-        keys.append(f"L{sources[index] if sources is not None else index}.{name}.weight")
+        keys.append(f"L{sources[index] if sources is not None else index}.{name}")
     return keys
 
 

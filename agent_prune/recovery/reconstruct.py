@@ -56,7 +56,7 @@ class LayerRefit(BaseModel):
 
 class ReconstructionReport(BaseModel):
     layers: list[LayerRefit]
-    overrides: list[str]  # stable keys of the refitted weights, e.g. "L12.mlp.down_proj.weight"
+    overrides: list[str]  # stable keys of the refitted modules, e.g. "L12.mlp.down_proj"
     fit_tokens: int
     heldout_tokens: int
     ridge: float
@@ -78,7 +78,8 @@ class _Streams:
 
 
 def override_key(source: int, module: str) -> str:
-    return f"L{source}.{module}.weight"
+    """Stable name of a module inside original layer ``source`` (the manifest's module key)."""
+    return f"L{source}.{module}"
 
 
 def reconstruct(

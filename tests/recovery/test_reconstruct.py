@@ -31,8 +31,8 @@ def test_head_refit_touches_only_cut_layers_and_lowers_held_out_error():
     pruned = cut_kv_group(dense, [0, 2])
     before = {k: v.clone() for k, v in pruned.state_dict().items()}
     report = reconstruct(pruned, dense, range(4), windows(), heldout=8)
-    assert report.overrides == ["L0.self_attn.o_proj.weight", "L0.mlp.down_proj.weight",
-                                "L2.self_attn.o_proj.weight", "L2.mlp.down_proj.weight"]
+    assert report.overrides == ["L0.self_attn.o_proj", "L0.mlp.down_proj",
+                                "L2.self_attn.o_proj", "L2.mlp.down_proj"]
     changed = {k for k, v in pruned.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight",
                        "model.layers.2.self_attn.o_proj.weight", "model.layers.2.mlp.down_proj.weight"}
