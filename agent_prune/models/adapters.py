@@ -121,6 +121,11 @@ class FamilyAdapter:
             intermediate_size=self.mlp_projections(layer)["gate_proj"].out_features,
         )
 
+    def projections_feed_residual(self, layer: nn.Module) -> bool:
+        """Whether o_proj/down_proj outputs are added to the residual stream as they are (no norm
+        after them), so a refit can aim at the dense residual stream directly."""
+        return True
+
     def set_attention_heads(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         """Tell an attention module its new head counts after its projections were resized.
 
@@ -185,6 +190,9 @@ class GemmaAdapter(FamilyAdapter):
     """Gemma 1/2/3 text models share the Llama layout (extra norms are per-hidden, not pruned)."""
 
     model_types = ("gemma", "gemma2", "gemma3_text")
+
+    def projections_feed_residual(self, layer: nn.Module) -> bool:
+        return not hasattr(layer, "post_feedforward_layernorm")  # Gemma 2/3 norm after each block
 
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (
