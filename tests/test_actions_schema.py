@@ -40,3 +40,13 @@ def test_invalid_actions_are_one_line_errors(item, fragment):
 def test_bad_json_is_a_clear_error():
     with pytest.raises(InvalidActionError, match="not valid JSON"):
         parse_actions("[{kind: remove_layers}")
+
+
+def test_schema_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from agent_prune.actions import parse_actions; "
+            "parse_actions([{'kind': 'remove_layers', 'layers': [1]}]); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
