@@ -122,20 +122,21 @@ def roles_section(result: dict) -> list[str]:
         "perplexity; a gate fails only when the loss exceeds its allowance by > 2 paired se, so noise "
         "never rolls a step back |",
         "| protect knowledge (gate vs dense, tie-break) | FreebaseQA MC probe (questions 300+): paired "
-        "accuracy for the gate, paired margin for ties | paired z vs dense, ShortGPT / width: accuracy "
-        f"{z['shortgpt_20', 'mc_correct']:.1f} / {z['width_20', 'mc_correct']:.1f}, margin "
-        f"{z['shortgpt_20', 'mc_margin']:.1f} / {z['width_20', 'mc_margin']:.1f}; the margin is continuous, "
-        "so it resolves differences accuracy cannot |",
+        "accuracy for the gate, paired margin for ties | paired z vs dense, ShortGPT / width: margin "
+        f"{z['shortgpt_20', 'mc_margin']:.1f} / {z['width_20', 'mc_margin']:.1f}, accuracy "
+        f"{z['shortgpt_20', 'mc_correct']:.1f} / {z['width_20', 'mc_correct']:.1f}: the continuous margin "
+        "resolves damage that 0/1 accuracy cannot at this many questions |",
         f"| none (reported only) | LLM-KICK exact match | dense hits {hits} of {dense['questions']} "
         f"questions ({100 * dense['exact_match']:.1f}%): too sparse to separate candidates |",
         "| none (reported only; never gate or rank on it) | gold-answer log-likelihood | removing layers "
         f"moves it {depth_ll:+.2f} nats (paired z {z['shortgpt_20', 'gold_loglik']:+.1f}), width pruning "
-        f"{width_ll:+.2f} (z {z['width_20', 'gold_loglik']:+.1f}), while every other signal says both got "
-        "worse: its sign depends on the kind of damage (a flatter output distribution lifts rare answers) |",
+        f"{width_ll:+.2f} (z {z['width_20', 'gold_loglik']:+.1f}): it rises while every other signal says "
+        "both models got worse (a flatter output distribution lifts rare answers) |",
         "| none in the loop (final report only) | WikiText-2 test perplexity, the first 300 FreebaseQA "
         "questions, ARC | kept out of every in-loop decision so the reported figures are not selected on |",
         "",
-        f"Cost: one `LoopEvaluator.score` took {min(seconds):.0f}-{max(seconds):.0f} s here (2 shared cores "
-        "under load from other jobs); KL needs only the 4 held-aside windows once the dense log-probs are "
+        f"Cost: one `LoopEvaluator.score` took {min(seconds):.0f}-{max(seconds):.0f} s here, on 2 cores "
+        "shared with other jobs (load average about 10, so a few times slower than an idle machine); "
+        "KL needs only the 4 held-aside windows once the dense log-probs are "
         "cached, so it is the cheapest of the three signals to recompute.",
     ]
