@@ -87,8 +87,11 @@ def test_loop_evaluator_calls_noise_a_tie_and_removed_layers_a_real_loss(shared_
     adapter.keep_layers([i for i in range(adapter.num_layers) if i not in range(18, 24)])
 
     base, jitter, cut = (evaluator.score(m) for m in (dense, noisy, pruned))
-    for metric in ("perplexity", "mc_margin"):
-        assert compare_records(jitter, base, metric).verdict == "tie", metric
+    # Weight noise shifts every window's NLL the same way, so the paired test alone can call even a
+    # 1e-4 relative perturbation significant; below 0.001 nats/token (0.1% perplexity) it is negligible.
+    assert compare_records(jitter, base, "perplexity", min_effect=1e-3).verdict == "tie"
+    assert compare_records(jitter, base, "mc_margin", min_effect=0.01).verdict == "tie"
+    assert compare_records(cut, base, "perplexity", min_effect=1e-3).verdict == "b"
     assert compare_records(cut, base, "perplexity").verdict == "b"
     assert compare_records(cut, base, "kl").verdict == "b"
     assert base.kl.value < 1e-3 < cut.kl.value
