@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import torch
 
+from agent_prune.actions import PruneWidth, RemoveLayers, apply_actions, dense_manifest
 from agent_prune.data.corpora import (
     c4_documents,
     calibration_windows,
@@ -87,36 +88,32 @@ def calibration_statistics(model, windows: torch.Tensor) -> tuple[list[float], l
     return [1.0 - c / n for c, n in zip(cos_sums, tokens)], [s.sqrt() for s in sq_norms]
 
 
-# ---- candidates (physical surgery) ------------------------------------------------------------
+# ---- candidates (physical surgery by agent_prune.actions) ---------------------------------------
 def depth_candidate(dense, block_influence: list[float], remove: int):
     """ShortGPT: drop the ``remove`` layers with the lowest Block Influence."""
-    drop = set(sorted(range(len(block_influence)), key=block_influence.__getitem__)[:remove])
+    drop = sorted(sorted(range(len(block_influence)), key=block_influence.__getitem__)[:remove])
     model = copy.deepcopy(dense)
-    adapter_for(model).keep_layers([i for i in range(len(block_influence)) if i not in drop])
-    return model, sorted(drop)
+    apply_actions(model, [RemoveLayers(layers=drop)], dense_manifest(model))
+    return model, drop
 
 
 def width_candidate(dense, down_norms: list[torch.Tensor], fraction: float):
     """Remove MLP channels uniformly (same count per layer) worth ``fraction`` of prunable parameters.
 
-    Physically slices gate/up rows and down_proj columns, lowest ``||X_j|| * ||W_down[:, j]||_1`` first.
+    Channels go lowest ``||X_j|| * ||W_down[:, j]||_1`` first (gate/up rows and down_proj columns are
+    sliced by the actions' surgery).
     """
     model = copy.deepcopy(dense)
     adapter = adapter_for(model)
-    prunable = count_parameters(model).prunable
     per_channel = 3 * adapter.hidden_size * adapter.num_layers
-    count = round(fraction * prunable / per_channel)
+    count = round(fraction * count_parameters(model).prunable / per_channel)
+    scores = {}
     with torch.no_grad():
-        for layer, norms in zip(adapter.layers(), down_norms):
-            proj = adapter.mlp_projections(layer)
-            score = norms * proj["down_proj"].weight.abs().sum(0)
-            keep = torch.sort(torch.argsort(score, descending=True)[: score.numel() - count]).values
-            for name in ("gate_proj", "up_proj"):
-                proj[name].weight = torch.nn.Parameter(proj[name].weight[keep].clone())
-                proj[name].out_features = keep.numel()
-            proj["down_proj"].weight = torch.nn.Parameter(proj["down_proj"].weight[:, keep].clone())
-            proj["down_proj"].in_features = keep.numel()
-    model.config.intermediate_size = model.config.intermediate_size - count
+        for index, (layer, norms) in enumerate(zip(adapter.layers(), down_norms)):
+            down = adapter.mlp_projections(layer)["down_proj"].weight
+            scores[index] = {"mlp_channels": (norms * down.abs().sum(0)).tolist()}
+    actions = [PruneWidth(layer=i, mlp_channels=count) for i in range(adapter.num_layers)]
+    apply_actions(model, actions, dense_manifest(model), scores=scores)
     return model, count
 
 

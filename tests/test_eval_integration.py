@@ -73,7 +73,9 @@ def test_freebaseqa_and_arc_match_plain_transformers(shared_model, plain):
 def test_loop_evaluator_calls_noise_a_tie_and_removed_layers_a_real_loss(shared_model):
     """Issue 10: equal quality up to noise is a tie; six removed layers are a detected difference."""
     dense = shared_model.model
-    evaluator = LoopEvaluator(shared_model.tokenizer, SHARED_DATA, seqlen=512, ppl_windows=4,
+    # 16 windows, as in the loop: with 4, the sample se is too unreliable for a z threshold of 2
+    # (Student t with 3 degrees of freedom) and weight noise alone was once called significant.
+    evaluator = LoopEvaluator(shared_model.tokenizer, SHARED_DATA, seqlen=512, ppl_windows=16,
                               probe_questions=60, kl_windows=1, reference_model=dense)
     noisy = copy.deepcopy(dense)
     generator = torch.Generator().manual_seed(0)
@@ -85,8 +87,11 @@ def test_loop_evaluator_calls_noise_a_tie_and_removed_layers_a_real_loss(shared_
     adapter.keep_layers([i for i in range(adapter.num_layers) if i not in range(18, 24)])
 
     base, jitter, cut = (evaluator.score(m) for m in (dense, noisy, pruned))
-    for metric in ("perplexity", "mc_margin"):
-        assert compare_records(jitter, base, metric).verdict == "tie", metric
+    # Weight noise shifts every window's NLL the same way, so the paired test alone can call even a
+    # 1e-4 relative perturbation significant; below 0.001 nats/token (0.1% perplexity) it is negligible.
+    assert compare_records(jitter, base, "perplexity", min_effect=1e-3).verdict == "tie"
+    assert compare_records(jitter, base, "mc_margin", min_effect=0.01).verdict == "tie"
+    assert compare_records(cut, base, "perplexity", min_effect=1e-3).verdict == "b"
     assert compare_records(cut, base, "perplexity").verdict == "b"
     assert compare_records(cut, base, "kl").verdict == "b"
     assert base.kl.value < 1e-3 < cut.kl.value

@@ -21,8 +21,8 @@ from agent_prune.evaluation.scoring import ScoringRequest, continuation_logliks,
 from agent_prune.evaluation.stats import compare_paired
 from agent_prune.evaluation.task_names import parse_tasks
 from agent_prune.models.adapters import adapter_for
-from tests.conftest import tiny_model
-from tests.tiny_data import byte_tokenizer, write_data_dir
+from tests.conftest import tiny_model, tiny_tokenizer
+from tests.tiny_data import write_data_dir
 
 
 def random_windows(count: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -114,7 +114,7 @@ def test_unknown_task_is_an_input_error():
 
 def test_run_tasks_reports_every_figure_with_an_error_bar(tmp_path):
     data_dir = write_data_dir(tmp_path)
-    model, tokenizer = tiny_model("llama"), byte_tokenizer()
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     results = run_tasks(model, tokenizer, ["wikitext2", "freebaseqa", "arc_easy"], data_dir, seqlen=32,
                         windows=3, limit=10, per_item=True)
     assert results["wikitext2"]["windows"] == 3 and results["wikitext2"]["seqlen"] == 32
@@ -132,7 +132,7 @@ def test_run_tasks_reports_every_figure_with_an_error_bar(tmp_path):
 
 def test_loop_evaluator_scores_candidates_on_the_same_items(tmp_path):
     data_dir = write_data_dir(tmp_path)
-    model, tokenizer = tiny_model("llama"), byte_tokenizer()
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     evaluator = LoopEvaluator(tokenizer, data_dir, seqlen=32, ppl_windows=4, probe_questions=12,
                               probe_offset=20, kl_windows=2, reference_model=model, batch_size=4)
     assert [q.id for q in evaluator.probe_items] == [f"q{i}" for i in range(20, 32)]

@@ -51,6 +51,8 @@ def test_compare_paired_verdicts_respect_direction_and_threshold():
     assert better.verdict == "a" and better.z > 2.0
     lower_wins = compare_paired(a + 1.0, a, metric="nll", higher_is_better=False)
     assert lower_wins.verdict == "b"
+    tiny = compare_paired(a + 1e-4, a, metric="nll", higher_is_better=False, min_effect=1e-3)
+    assert tiny.verdict == "tie" and tiny.z > 2.0  # significant but negligible
     noisy = compare_paired(a, a.flip(0), metric="nll", higher_is_better=False)
     assert noisy.verdict == "tie" and abs(noisy.z) <= 2.0
 

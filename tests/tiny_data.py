@@ -1,5 +1,5 @@
-"""A byte-level tokenizer (256 ids, fits the tiny models' vocab) and a tiny local data directory, so the
-evaluation code runs end to end on tiny random models in unit tests."""
+"""A tiny local data directory in the shared layout, so the evaluation code runs end to end on tiny
+random models (with ``conftest.tiny_tokenizer``) in unit tests."""
 
 from __future__ import annotations
 
@@ -10,32 +10,6 @@ from pathlib import Path
 WORDS = ("river", "stone", "light", "garden", "city", "music", "paper", "window", "silver", "forest",
          "engine", "history", "planet", "question", "answer", "island", "winter", "summer", "bridge",
          "market", "letter", "doctor", "castle", "ocean")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
-def byte_tokenizer():
-    """A fast tokenizer whose ids are the UTF-8 bytes of the text; byte 0 is EOS and padding."""
-    from tokenizers import Tokenizer, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
-
-    table = _bytes_to_unicode()
-    core = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
-    core.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=table[0], pad_token=table[0])
 
 
 def _sentence(rng: random.Random) -> str:

@@ -5,7 +5,7 @@
   the lowercased, space-removed output. The prompt's trailing space is left for the model to produce
   (generation starts after ``prompt.rstrip()``): BPE tokenizers attach a space to the following word,
   and a prompt ending in a bare space token makes SmolLM2 answer with digits (0 hits in the first 300
-  questions, against a few with the space stripped). Too sparse on small models to steer by; reported only.
+  questions, against 4 with the space stripped). Too sparse on small models to steer by; reported only.
 - Gold log-likelihood: teacher-forced sum of log-probs of ``" " + alias`` after ``prompt.rstrip()``
   (BPE tokenizers attach the space to the word), best alias. Rises when layers are removed (a flatter
   distribution lifts rare answers), so it is reported, never gated on.

@@ -142,10 +142,12 @@ def _paired_vectors(a: SignalRecord, b: SignalRecord, metric: str) -> tuple[list
 
 
 def compare_records(a: SignalRecord, b: SignalRecord, metric: Metric = "perplexity", *,
-                    z_threshold: float = 2.0) -> Comparison:
-    """Paired comparison of two records on one metric (perplexity compares mean per-window NLL)."""
+                    z_threshold: float = 2.0, min_effect: float = 0.0) -> Comparison:
+    """Paired comparison of two records on one metric (perplexity compares mean per-window NLL);
+    ``min_effect`` (per-item units) is the smallest difference that counts even when significant."""
     va, vb, higher_is_better = _paired_vectors(a, b, metric)
-    return compare_paired(va, vb, metric=metric, higher_is_better=higher_is_better, z_threshold=z_threshold)
+    return compare_paired(va, vb, metric=metric, higher_is_better=higher_is_better, z_threshold=z_threshold,
+                          min_effect=min_effect)
 
 
 def gate_records(candidate: SignalRecord, reference: SignalRecord, metric: Metric, *, max_loss: float,

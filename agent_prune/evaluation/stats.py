@@ -109,11 +109,16 @@ def compare_paired(
     metric: str,
     higher_is_better: bool,
     z_threshold: float = 2.0,
+    min_effect: float = 0.0,
 ) -> Comparison:
-    """Paired comparison of per-item values ``a`` and ``b``: verdict a, b or tie (``|z| <= z_threshold``)."""
+    """Paired comparison of per-item values ``a`` and ``b``: verdict a, b or tie.
+
+    A tie is ``|z| <= z_threshold`` (inside the noise) or ``|difference| <= min_effect`` (real but
+    negligible: paired tests on many correlated items detect differences far too small to matter).
+    """
     difference = paired_difference(a, b)
     z = z_score(difference)
-    if abs(z) <= z_threshold:
+    if abs(z) <= z_threshold or abs(difference.value) <= min_effect:
         verdict: Verdict = "tie"
     else:
         a_larger = z > 0
