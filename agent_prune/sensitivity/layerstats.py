@@ -123,21 +123,29 @@ def forward_stats(
 
 
 def gradient_stats(adapter: FamilyAdapter, layer: nn.Module) -> GradientStats:
-    """Per-module and per-layer mean |grad| and |W * grad| from the weights' ``.grad``."""
-    modules, grads, taylors, per_projection = {}, [], [], {}
+    """Per-module and per-layer mean |grad| and |W * grad| from the weights' ``.grad``.
+
+    Reduces module by module (sums and counts, row/column sums for structures) so that no more
+    than one module's per-weight scores exist at a time.
+    """
+    modules, owned = {}, {}
+    grad_sum = taylor_sum = count = 0.0
     for name, module in adapter.linear_modules(layer).items():
-        weight, grad = module.weight, module.weight.grad
-        taylor = metrics.taylor_scores(weight, grad)
-        grads.append(_nonzero(grad.detach().abs().float(), weight))
-        taylors.append(_nonzero(taylor, weight))
-        modules[name] = {"gradient": _mean(grads[-1]), "taylor": _mean(taylors[-1])}
-        per_projection[name.rsplit(".", 1)[-1]] = taylor
-    structures = metrics.taylor_structures(
-        per_projection, adapter.layer_widths(layer).num_kv_heads, adapter.head_dim
-    )
+        weight = module.weight
+        grads = _nonzero(weight.grad.detach().abs().float(), weight)
+        taylor = metrics.taylor_scores(weight, weight.grad)
+        kept = _nonzero(taylor, weight)
+        modules[name] = {"gradient": _mean(grads), "taylor": _mean(kept)}
+        grad_sum += float(grads.double().sum())
+        taylor_sum += float(kept.double().sum())
+        count += kept.numel()
+        projection = name.rsplit(".", 1)[-1]
+        owned[projection] = metrics.owned_sums(projection, taylor)
+        del grads, taylor, kept
+    structures = metrics.taylor_structures(owned, adapter.layer_widths(layer).num_kv_heads, adapter.head_dim)
     return GradientStats(
-        gradient=_mean(torch.cat(grads)),
-        taylor=_mean(torch.cat(taylors)),
+        gradient=grad_sum / count if count else 0.0,
+        taylor=taylor_sum / count if count else 0.0,
         modules=modules,
         structures={k: v.tolist() for k, v in structures.items()},
     )

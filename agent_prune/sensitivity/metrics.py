@@ -84,22 +84,27 @@ def taylor_scores(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return (weight.detach().float() * grad.float()).abs()
 
 
-def taylor_structures(
-    taylor: dict[str, torch.Tensor], num_kv_heads: int, head_dim: int
-) -> dict[str, torch.Tensor]:
-    """Sum per-weight Taylor scores over the weights each structure owns.
+# Projections whose output rows belong to a structure; the others (o_proj, down_proj) own columns.
+ROW_OWNED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
-    ``taylor`` maps projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    down_proj) to per-weight scores. A head owns its q_proj rows and o_proj columns; a KV group
-    owns its heads plus its k_proj/v_proj rows; an MLP channel owns a gate_proj row, an up_proj
-    row and a down_proj column.
+
+def owned_sums(projection: str, scores: torch.Tensor) -> torch.Tensor:
+    """Per-weight scores summed over what one structure unit owns: rows, or columns for o/down."""
+    return scores.sum(dim=1) if projection in ROW_OWNED else scores.sum(dim=0)
+
+
+def taylor_structures(
+    sums: dict[str, torch.Tensor], num_kv_heads: int, head_dim: int
+) -> dict[str, torch.Tensor]:
+    """Structure scores from per-projection :func:`owned_sums` of per-weight Taylor scores.
+
+    A head owns its q_proj rows and o_proj columns; a KV group owns its heads plus its
+    k_proj/v_proj rows; an MLP channel owns a gate_proj row, an up_proj row and a down_proj column.
     """
-    q_rows = taylor["q_proj"].sum(dim=1).reshape(-1, head_dim).sum(dim=1)
-    o_cols = taylor["o_proj"].sum(dim=0).reshape(-1, head_dim).sum(dim=1)
-    heads = q_rows + o_cols
-    kv_rows = (taylor["k_proj"].sum(dim=1) + taylor["v_proj"].sum(dim=1)).reshape(-1, head_dim).sum(dim=1)
+    heads = (sums["q_proj"] + sums["o_proj"]).reshape(-1, head_dim).sum(dim=1)
+    kv_rows = (sums["k_proj"] + sums["v_proj"]).reshape(-1, head_dim).sum(dim=1)
     kv_groups = kv_group_scores(heads, num_kv_heads) + kv_rows
-    channels = taylor["gate_proj"].sum(dim=1) + taylor["up_proj"].sum(dim=1) + taylor["down_proj"].sum(dim=0)
+    channels = sums["gate_proj"] + sums["up_proj"] + sums["down_proj"]
     return {"kv_groups": kv_groups, "heads": heads, "mlp_channels": channels}
 
 

@@ -51,6 +51,7 @@ from agent_prune.sensitivity.streaming import (
     LayerInputs,
     capture_layer_inputs,
     on_device,
+    release_memory,
     run_layer,
     windows_digest,
 )
@@ -65,7 +66,7 @@ def profile_model(
     *,
     device: str = "cpu",
     gradients: bool = True,
-    batch_size: int = 4,
+    batch_size: int = 2,
     progress: Progress | None = None,
     layer_sources: list[int] | None = None,
     previous: SensitivityProfile | None = None,
@@ -84,7 +85,9 @@ def profile_model(
     ``layer_sources[i]`` is the dense-model index of current layer ``i`` (default: ``i``). Weights
     stay where they are; each layer runs on ``device`` while it is measured. ``store`` keeps layer
     inputs between calls (for cheap partial profiles); without it a temporary ``activation_store``
-    ("disk" or "memory") is used when gradients are wanted.
+    ("disk" or "memory") is used when gradients are wanted. ``batch_size`` windows run together;
+    the backward keeps one batch's autograd graph through one layer (about 50 MiB per 512-token
+    window on the shared model), so small batches bound the peak.
     """
     started = time.perf_counter()
     adapter = adapter_for(model)
@@ -115,9 +118,8 @@ def profile_model(
             forward_seconds = time.perf_counter() - started
             grads, loss = (None, None)
             if gradients:
-                grad, loss = grad_pass.output_gradient(adapter, hidden, windows, loss_chunk_tokens)
-                del hidden  # the backward needs only the stored inputs from here on
-                grads = _backward(adapter, grad, inputs, acts, work, report)
+                loss = grad_pass.output_gradient(adapter, hidden, windows, loss_chunk_tokens)
+                grads = _backward(adapter, hidden, inputs, acts, work, report)  # hidden now holds dL/dh
     finally:
         if owned:
             acts.close()
@@ -185,6 +187,7 @@ def _forward_layer(
         stats = forward_stats(adapter, layer, collectors, depth, spike_ratio, spike_min)
         for collector in collectors.values():
             collector.free()
+    release_memory()
     return stats
 
 
@@ -197,16 +200,16 @@ def _backward(
     total = adapter.num_layers
     for index in reversed(range(total)):
         layer = adapter.layers()[index]
-        layer_inputs = acts.get(index, work)
         with on_device(layer, work):
             weights = [m.weight for m in adapter.linear_modules(layer).values()]
             grad = grad_pass.layer_backward(
-                layer, weights, layer_inputs, grad, inputs.batches, [kw[index] for kw in inputs.kwargs]
+                layer, weights, lambda rows, i=index: acts.get(i, work, rows), grad,
+                inputs.batches, [kw[index] for kw in inputs.kwargs],
             )
             stats[index] = gradient_stats(adapter, layer)
             for weight in weights:
                 weight.grad = None
-        del layer_inputs
+        release_memory()
         report("gradients", total - index, total)
     return stats
 

@@ -11,6 +11,7 @@ CPU: :func:`on_device` moves one module to the accelerator for as long as it run
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import shutil
 import tempfile
@@ -110,6 +111,28 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed activation-sized blocks otherwise).
+
+    Buffers under glibc's dynamic mmap threshold (up to 32 MiB) live on the heap, and their pages
+    stay resident after ``free``; trimming after each layer keeps the process's RSS close to what
+    is actually in use. A no-op where ``malloc_trim`` does not exist.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
 def windows_digest(windows: torch.Tensor) -> str:
     """Identity of a calibration set: the token ids' bytes (reused activations must match it)."""
     ids = windows.detach().to("cpu", torch.int64).contiguous()
@@ -154,12 +177,17 @@ class ActivationStore:
     def has(self, index: int) -> bool:
         return index in self._meta
 
-    def get(self, index: int, device: torch.device) -> torch.Tensor:
-        if self._dir is None:
-            return self._tensors[index].to(device)
+    def get(self, index: int, device: torch.device, samples: slice | None = None) -> torch.Tensor:
+        """Layer ``index``'s inputs (only the ``samples`` rows if given: the disk store reads just those)."""
+        rows = samples or slice(None)
+        if self._dir is None:  # a copy: callers may use it as a working buffer
+            return self._tensors[index][rows].to(device, copy=True)
         shape, dtype = self._meta[index]
-        raw = torch.from_numpy(np.fromfile(self._dir / f"layer{index}.bin", dtype=np.uint8))
-        return raw.view(dtype).reshape(shape).to(device)
+        first, stop, _ = rows.indices(shape[0])
+        row_bytes = shape[1:].numel() * dtype.itemsize
+        raw = np.fromfile(self._dir / f"layer{index}.bin", dtype=np.uint8,
+                          count=(stop - first) * row_bytes, offset=first * row_bytes)
+        return torch.from_numpy(raw).view(dtype).reshape(stop - first, *shape[1:]).to(device)
 
     def drop_from(self, index: int) -> None:
         """Forget layers ``index`` and above (they change when an earlier layer changes)."""

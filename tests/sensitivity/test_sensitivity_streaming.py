@@ -117,11 +117,11 @@ def test_partial_profile_after_a_width_change_equals_a_full_one(persistent):
     model = tiny_model("llama")
     ids = windows()
     store = ActivationStore("memory") if persistent else None
-    before = profile_model(model, ids, store=store)
+    before = profile_model(model, ids, store=store, batch_size=4)
     _changed_from_layer_2(model)
     calls = []
     hook = adapter_for(model).layers()[0].register_forward_hook(lambda *a: calls.append(1))
-    partial = profile_model(model, ids, previous=before, start_layer=2, store=store)
+    partial = profile_model(model, ids, previous=before, start_layer=2, store=store, batch_size=4)
     hook.remove()
     full = profile_model(model, ids)
     # with a persistent store neither layer 0 nor 1 runs forward again (the backward re-runs them)
