@@ -177,3 +177,20 @@ def test_weights_stay_on_cpu_while_layers_run_on_cuda(tiny_llama):
     for a, b in zip(on_cpu.layers, on_gpu.layers):
         assert a.wanda == pytest.approx(b.wanda, rel=1e-3)
         assert a.gradient == pytest.approx(b.gradient, rel=1e-3)
+
+
+def test_statistics_describe_only_the_weights_that_remain(tiny_llama):
+    q_proj = adapter_for(tiny_llama).layers()[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight[:16] = 0  # a masked head
+    ids = windows()
+    profile = profile_model(tiny_llama, ids)
+    inputs, _, _ = reference(tiny_llama, ids)
+    stats = profile.layers[0].modules["self_attn.q_proj"]
+    assert (stats.params, stats.nonzero) == (64 * 64, 48 * 64)
+    norm = (inputs[(0, "self_attn.q_proj")].pow(2).sum(dim=(0, 1)) / SAMPLES).sqrt()
+    kept = (q_proj.weight[16:].abs() * norm).detach()
+    assert stats.wanda == pytest.approx(float(kept.mean()), rel=1e-4)
+    assert stats.wanda_p10 == pytest.approx(float(np.percentile(kept.numpy(), 10)), rel=1e-4)
+    assert stats.gradient == pytest.approx(float(q_proj.weight.grad[16:].abs().mean()), rel=1e-3)
+    assert profile.layers[0].nonzero == profile.layers[0].params - 16 * 64
