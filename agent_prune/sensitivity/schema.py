@@ -74,6 +74,7 @@ class Structures(_Record):
 class LayerProfile(_Record):
     index: int
     source: int
+    fingerprint: str = Field(description="identity of the layer's tensors when measured")
     params: int
     nonzero: int
     num_heads: int
