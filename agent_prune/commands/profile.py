@@ -94,8 +94,9 @@ def profile_table(profile) -> Table:
     """One row per layer: source index, size, each metric with its z-score coloured."""
     table = Table(title=f"sensitivity profile: {profile.model.name or profile.model.model_type} "
                         f"({profile.calibration.samples} x {profile.calibration.seqlen} tokens)")
-    for title in ("layer", "src", "params", *(c[0] for c in COLUMNS), "protected"):
-        table.add_column(title, justify="right")
+    for title in ("layer", "src", "params", *(c[0] for c in COLUMNS)):
+        table.add_column(title, justify="right", no_wrap=True)
+    table.add_column("protected")
     protected = {}
     for item in profile.protected:
         label = item.kind if item.kind == "layer" else f"{item.kind}:{item.index}"
