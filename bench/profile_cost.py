@@ -6,11 +6,13 @@
 Three measurements, all on the same C4 calibration windows (seed 0):
 
 1. Time (one process, so CPU contention from other jobs hits both sides alike): a plain
-   ``model(ids, labels=ids).loss.backward()`` over all windows in batches of ``--batch-size``
-   (gradients accumulated, the usual way), then ``profile_model`` with gradients, alternated
-   ``--repeats`` times; the ratio is median(profile) / median(plain).
-2. Peak memory (a fresh child process per side): RSS after loading the model and building the
-   windows, then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` = 5) and read
+   ``model(ids, labels=ids).loss.backward()`` over all windows in batches of
+   ``--plain-batch-size`` (gradients accumulated, the usual way), then ``profile_model`` with
+   gradients and ``--batch-size``, alternated ``--repeats`` times; the ratio is
+   median(profile) / median(plain).
+2. Peak memory (a fresh child process; ``--plain-memory`` adds one for the plain pass): RSS after
+   loading the model, reading every weight once (safetensors maps lazily) and building the
+   windows; then the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` = 5) and read
    back (``VmHWM``) after the work; "above the loaded model" = peak - RSS before the work. The
    target is < 50% of the model's fp32 size (parameters x 4 bytes).
 3. Block Influence ranking agreement with a plain ``output_hidden_states=True`` forward. In
@@ -51,7 +53,8 @@ def main() -> int:
     ranking = block_influence_agreement(loaded, windows, timing.pop("profile"), args)
     del loaded
     gc.collect()
-    memory = {side: run_child(args, side) for side in ("profile", "plain")}
+    sides = ("profile", "plain") if args.plain_memory else ("profile",)
+    memory = {side: run_child(args, side) for side in sides}
     fp32_bytes = memory["profile"]["params"] * 4
     result = {
         "protocol": protocol(args, windows),
@@ -79,10 +82,13 @@ def parse_args():
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=2, help="profile batch size")
+    p.add_argument("--plain-batch-size", type=int, default=4, help="plain forward+backward batch size")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--plain-memory", action="store_true",
+                   help="also measure the plain forward+backward's peak memory (several GB)")
     p.add_argument("--memory-child", choices=("profile", "plain"), default=None, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -113,7 +119,7 @@ def time_both(model, windows: torch.Tensor, args) -> dict:
     plain, full = [], []
     profile = None
     for _ in range(args.repeats):
-        plain.append(plain_forward_backward(model, windows, args.batch_size, args.device))
+        plain.append(plain_forward_backward(model, windows, args.plain_batch_size, args.device))
         started = time.perf_counter()
         profile = profile_model(model, windows, device=args.device, batch_size=args.batch_size,
                                 dataset="c4", seed=args.seed)
@@ -133,7 +139,7 @@ def time_both(model, windows: torch.Tensor, args) -> dict:
 def run_child(args, side: str) -> dict:
     cmd = [sys.executable, __file__, "--memory-child", side] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("memory_child", "out", "repeats") and v is not None
+        if k not in ("memory_child", "out", "repeats", "plain_memory") and v is not None
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -141,6 +147,7 @@ def run_child(args, side: str) -> dict:
 
 def memory_child(args) -> dict:
     loaded, windows = setup(args)
+    page_in(loaded.model)
     gc.collect()
     loaded_rss = proc_status("VmRSS")
     reset_peak()
@@ -148,7 +155,7 @@ def memory_child(args) -> dict:
         profile_model(loaded.model, windows, device=args.device, batch_size=args.batch_size)
     else:
         loaded.model.requires_grad_(True)
-        plain_forward_backward(loaded.model, windows, args.batch_size, args.device)
+        plain_forward_backward(loaded.model, windows, args.plain_batch_size, args.device)
     peak = proc_status("VmHWM")
     return {
         "side": args.memory_child,
@@ -157,6 +164,14 @@ def memory_child(args) -> dict:
         "peak_rss_bytes": peak,
         "peak_above_loaded_bytes": peak - loaded_rss,
     }
+
+
+@torch.no_grad()
+def page_in(model) -> None:
+    """Read every weight once: safetensors maps the file lazily, so an untouched model is not yet
+    resident and its own pages would otherwise be counted as the work's memory."""
+    for tensor in model.state_dict().values():
+        tensor.float().sum()
 
 
 def proc_status(field: str) -> int:
@@ -207,7 +222,8 @@ def protocol(args, windows) -> dict:
     return {
         "model": args.model, "calibration": "C4 en train first 1000 docs, random windows",
         "samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": args.seed,
-        "batch_size": args.batch_size, "device": args.device, "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size, "plain_batch_size": args.plain_batch_size, "device": args.device,
+        "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
         "machine": platform.machine(), "torch": torch.__version__,
     }
@@ -229,7 +245,7 @@ def print_table(result: dict) -> None:
     table.add_row("time ratio", f"{t['ratio']:.2f}", t["target"])
     mib = 2**20
     table.add_row("fp32 model size (MiB)", f"{m['fp32_model_bytes'] / mib:.0f}", "")
-    for side in ("profile", "plain"):
+    for side in m.keys() & {"profile", "plain"}:
         table.add_row(f"{side}: peak RSS above loaded model (MiB)",
                       f"{m[side]['peak_above_loaded_bytes'] / mib:.0f}", "")
     table.add_row("profile peak / fp32 model", f"{m['profile_peak_over_fp32']:.2f}", m["target"])

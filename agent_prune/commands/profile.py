@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward batch (default 4)")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="windows run together (default 2; peak memory grows with it)")
     parser.add_argument("--no-gradients", action="store_true", help="skip gradient and Taylor metrics")
     parser.add_argument("--out", default=None, help="write the profile JSON here (atomic)")
     add_output_args(parser)
@@ -93,8 +94,9 @@ def profile_table(profile) -> Table:
     """One row per layer: source index, size, each metric with its z-score coloured."""
     table = Table(title=f"sensitivity profile: {profile.model.name or profile.model.model_type} "
                         f"({profile.calibration.samples} x {profile.calibration.seqlen} tokens)")
-    for title in ("layer", "src", "params", *(c[0] for c in COLUMNS), "protected"):
-        table.add_column(title, justify="right")
+    for title in ("layer", "src", "params", *(c[0] for c in COLUMNS)):
+        table.add_column(title, justify="right", no_wrap=True)
+    table.add_column("protected")
     protected = {}
     for item in profile.protected:
         label = item.kind if item.kind == "layer" else f"{item.kind}:{item.index}"

@@ -3,7 +3,8 @@
 Entry point: :func:`profile_model`. Record: :class:`SensitivityProfile` (JSON, schema-versioned).
 """
 
-from agent_prune.sensitivity.profile import model_fingerprint, profile_model
+from agent_prune.sensitivity.fingerprints import layer_fingerprint, model_fingerprint
+from agent_prune.sensitivity.profile import profile_model
 from agent_prune.sensitivity.schema import (
     LayerProfile,
     ModuleStats,
@@ -22,6 +23,7 @@ __all__ = [
     "SensitivityProfile",
     "Structures",
     "SuperWeight",
+    "layer_fingerprint",
     "model_fingerprint",
     "profile_model",
 ]

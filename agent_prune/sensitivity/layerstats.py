@@ -85,19 +85,22 @@ def forward_stats(
     spike_min: float,
 ) -> ForwardStats:
     widths = adapter.layer_widths(layer)
-    modules, kept_scores = {}, []
+    modules, kept_scores, total = {}, [], 0.0
     for name, collector in collectors.items():
         weight = collector.module.weight
-        scores = _nonzero(collector.finalize(), weight)
+        scores = _kept(collector.finalize(), nonzero_mask(weight))
         kept_scores.append(scores)
+        score_sum = float(scores.sum(dtype=torch.float64))
+        total += score_sum
         modules[name] = {
             "params": weight.numel(),
             "nonzero": scores.numel(),
-            "wanda": _mean(scores),
+            "wanda": score_sum / max(scores.numel(), 1),
             "wanda_p10": metrics.percentile(scores, 10),
             "input_norm": float(collector.input_norm().mean()),
         }
     all_scores = torch.cat(kept_scores)
+    del kept_scores
     heads_collector = next(c for c in collectors.values() if isinstance(c, HeadCollector))
     channel_collector = next(c for c in collectors.values() if isinstance(c, ChannelCollector))
     heads = heads_collector.head_scores()
@@ -109,7 +112,7 @@ def forward_stats(
         intermediate_size=widths.intermediate_size,
         block_influence=depth.block_influence(),
         angular_distance=depth.angular_distance(),
-        wanda=_mean(all_scores),
+        wanda=total / max(all_scores.numel(), 1),
         wanda_p10=metrics.percentile(all_scores, 10),
         modules=modules,
         structures={
@@ -123,31 +126,40 @@ def forward_stats(
 
 
 def gradient_stats(adapter: FamilyAdapter, layer: nn.Module) -> GradientStats:
-    """Per-module and per-layer mean |grad| and |W * grad| from the weights' ``.grad``."""
-    modules, grads, taylors, per_projection = {}, [], [], {}
+    """Per-module and per-layer mean |grad| and |W * grad| from the weights' ``.grad``.
+
+    Reduces module by module (sums and counts, row/column sums for structures) so that no more
+    than one module's per-weight scores exist at a time.
+    """
+    modules, owned = {}, {}
+    grad_sum = taylor_sum = count = 0.0
     for name, module in adapter.linear_modules(layer).items():
-        weight, grad = module.weight, module.weight.grad
-        taylor = metrics.taylor_scores(weight, grad)
-        grads.append(_nonzero(grad.detach().abs().float(), weight))
-        taylors.append(_nonzero(taylor, weight))
-        modules[name] = {"gradient": _mean(grads[-1]), "taylor": _mean(taylors[-1])}
-        per_projection[name.rsplit(".", 1)[-1]] = taylor
-    structures = metrics.taylor_structures(
-        per_projection, adapter.layer_widths(layer).num_kv_heads, adapter.head_dim
-    )
+        weight, mask = module.weight, nonzero_mask(module.weight)
+        taylor = metrics.taylor_scores(weight, weight.grad)
+        kept = max(weight.numel() if mask is None else int(mask.sum()), 1)
+        g = float(_kept(weight.grad.detach().abs(), mask).sum(dtype=torch.float64))
+        t = float(_kept(taylor, mask).sum(dtype=torch.float64))
+        modules[name] = {"gradient": g / kept, "taylor": t / kept}
+        grad_sum, taylor_sum, count = grad_sum + g, taylor_sum + t, count + kept
+        projection = name.rsplit(".", 1)[-1]
+        owned[projection] = metrics.owned_sums(projection, taylor)
+        del taylor
+    structures = metrics.taylor_structures(owned, adapter.layer_widths(layer).num_kv_heads, adapter.head_dim)
     return GradientStats(
-        gradient=_mean(torch.cat(grads)),
-        taylor=_mean(torch.cat(taylors)),
+        gradient=grad_sum / count,
+        taylor=taylor_sum / count,
         modules=modules,
         structures={k: v.tolist() for k, v in structures.items()},
     )
 
 
-def _nonzero(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``values`` at the non-zero entries of ``weight``, flattened (no copy-by-mask when dense)."""
-    kept = weight != 0
-    return values.reshape(-1) if bool(kept.all()) else values[kept]
+def nonzero_mask(weight: torch.Tensor) -> torch.Tensor | None:
+    """Where ``weight`` is non-zero, or None when it is dense (the common case: no masking copy)."""
+    if int(torch.count_nonzero(weight)) == weight.numel():
+        return None
+    return weight.detach() != 0
 
 
-def _mean(values: torch.Tensor) -> float:
-    return float(values.double().mean()) if values.numel() else 0.0
+def _kept(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``values`` at the non-zero weights, flattened."""
+    return values.reshape(-1) if mask is None else values[mask]

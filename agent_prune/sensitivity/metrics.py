@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 EPS = 1e-8
@@ -28,7 +29,7 @@ EPS = 1e-8
 # ---- Wanda -------------------------------------------------------------------------------------
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     """``|W| * ||X_j||`` for every weight; ``input_norm`` has one entry per input channel."""
-    return weight.detach().abs().float() * input_norm.float().unsqueeze(0)
+    return weight.detach().float().abs().mul_(input_norm.float().unsqueeze(0))
 
 
 def input_channel_norm(sum_squares: torch.Tensor, samples: int) -> torch.Tensor:
@@ -39,21 +40,22 @@ def input_channel_norm(sum_squares: torch.Tensor, samples: int) -> torch.Tensor:
 def percentile(values: torch.Tensor, q: float) -> float:
     """The ``q``-th percentile (0..100) with linear interpolation, as ``numpy.percentile``.
 
-    Uses ``kthvalue`` (linear time) rather than ``torch.quantile``, which sorts and refuses
-    inputs over 16M elements.
+    A selection (linear time) of the two order statistics around the position, not a sort;
+    ``torch.quantile`` sorts and refuses inputs over 16M elements.
     """
-    flat = values.reshape(-1)
+    flat = values.detach().reshape(-1)
     if flat.numel() == 0:
         return 0.0
     position = q / 100.0 * (flat.numel() - 1)
     low = math.floor(position)
-    low_value = flat.kthvalue(low + 1).values
-    if low + 1 >= flat.numel() or position == low:
-        return float(low_value)
-    # The next order statistic: low_value again if it repeats, else the smallest larger value.
-    repeats = int((flat <= low_value).sum()) >= low + 2
-    high_value = low_value if repeats else flat[flat > low_value].min()
-    return float(low_value) + (position - low) * (float(high_value) - float(low_value))
+    high = min(low + 1, flat.numel() - 1)
+    if flat.device.type == "cpu":
+        selected = np.partition(flat.float().numpy(), (low, high))  # one pass for both
+        low_value, high_value = float(selected[low]), float(selected[high])
+    else:
+        low_value = float(flat.kthvalue(low + 1).values)
+        high_value = float(flat.kthvalue(high + 1).values)
+    return low_value + (position - low) * (high_value - low_value)
 
 
 # ---- structures --------------------------------------------------------------------------------
@@ -81,25 +83,30 @@ def kv_group_scores(head_scores: torch.Tensor, num_kv_heads: int) -> torch.Tenso
 
 def taylor_scores(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """First-order Taylor importance ``|W * dL/dW|`` per weight (LLM-Pruner, element-wise)."""
-    return (weight.detach().float() * grad.float()).abs()
+    return (weight.detach().float() * grad.detach().float()).abs_()
+
+
+# Projections whose output rows belong to a structure; the others (o_proj, down_proj) own columns.
+ROW_OWNED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def owned_sums(projection: str, scores: torch.Tensor) -> torch.Tensor:
+    """Per-weight scores summed over what one structure unit owns: rows, or columns for o/down."""
+    return scores.sum(dim=1) if projection in ROW_OWNED else scores.sum(dim=0)
 
 
 def taylor_structures(
-    taylor: dict[str, torch.Tensor], num_kv_heads: int, head_dim: int
+    sums: dict[str, torch.Tensor], num_kv_heads: int, head_dim: int
 ) -> dict[str, torch.Tensor]:
-    """Sum per-weight Taylor scores over the weights each structure owns.
+    """Structure scores from per-projection :func:`owned_sums` of per-weight Taylor scores.
 
-    ``taylor`` maps projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    down_proj) to per-weight scores. A head owns its q_proj rows and o_proj columns; a KV group
-    owns its heads plus its k_proj/v_proj rows; an MLP channel owns a gate_proj row, an up_proj
-    row and a down_proj column.
+    A head owns its q_proj rows and o_proj columns; a KV group owns its heads plus its
+    k_proj/v_proj rows; an MLP channel owns a gate_proj row, an up_proj row and a down_proj column.
     """
-    q_rows = taylor["q_proj"].sum(dim=1).reshape(-1, head_dim).sum(dim=1)
-    o_cols = taylor["o_proj"].sum(dim=0).reshape(-1, head_dim).sum(dim=1)
-    heads = q_rows + o_cols
-    kv_rows = (taylor["k_proj"].sum(dim=1) + taylor["v_proj"].sum(dim=1)).reshape(-1, head_dim).sum(dim=1)
+    heads = (sums["q_proj"] + sums["o_proj"]).reshape(-1, head_dim).sum(dim=1)
+    kv_rows = (sums["k_proj"] + sums["v_proj"]).reshape(-1, head_dim).sum(dim=1)
     kv_groups = kv_group_scores(heads, num_kv_heads) + kv_rows
-    channels = taylor["gate_proj"].sum(dim=1) + taylor["up_proj"].sum(dim=1) + taylor["down_proj"].sum(dim=0)
+    channels = sums["gate_proj"] + sums["up_proj"] + sums["down_proj"]
     return {"kv_groups": kv_groups, "heads": heads, "mlp_channels": channels}
 
 

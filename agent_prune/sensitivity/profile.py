@@ -5,17 +5,17 @@ with collectors (Wanda, AMP structures, depth, super-activation trace), storing 
 when gradients are wanted; (3) optional backward pass, layer by layer from the top (see
 :mod:`~agent_prune.sensitivity.gradients`); (4) assemble per-layer records, z-scores, protections.
 
-Partial recomputation (``previous`` + ``start_layer=k``): layers ``< k`` are unchanged since
-``previous`` and see the same inputs, so their forward metrics (Block Influence, angular distance,
-Wanda, structure scores, super weights) are copied; layers ``>= k`` are measured again. Gradient
-metrics are always recomputed for every layer, because ``dL/dW`` of an early layer depends on every
-layer above it. With a persistent ``store`` that already holds this calibration set's inputs of
-layers ``<= k``, the forward through layers ``< k`` is skipped too.
+Partial recomputation (``previous`` + ``start_layer=k``, or ``"auto"`` to find ``k``): layers
+``< k`` are unchanged since ``previous`` (checked by per-layer fingerprints) and see the same
+inputs, so their forward metrics (Block Influence, angular distance, Wanda, structure scores,
+super weights) are copied; layers ``>= k`` are measured again. Gradient metrics are always
+recomputed for every layer, because ``dL/dW`` of an early layer depends on every layer above it.
+With a persistent ``store`` whose entries for layers ``<= k`` are current (same calibration set,
+same fingerprints below), the forward through layers ``< k`` is skipped too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 
@@ -28,6 +28,7 @@ from agent_prune.models.loading import resolve_device
 from agent_prune.sensitivity import gradients as grad_pass
 from agent_prune.sensitivity import metrics
 from agent_prune.sensitivity.collectors import ChannelCollector, DepthCollector
+from agent_prune.sensitivity.fingerprints import layer_fingerprint, model_fingerprint, prefix_keys
 from agent_prune.sensitivity.layerstats import (
     ForwardStats,
     GradientStats,
@@ -51,6 +52,7 @@ from agent_prune.sensitivity.streaming import (
     LayerInputs,
     capture_layer_inputs,
     on_device,
+    release_memory,
     run_layer,
     windows_digest,
 )
@@ -65,11 +67,11 @@ def profile_model(
     *,
     device: str = "cpu",
     gradients: bool = True,
-    batch_size: int = 4,
+    batch_size: int = 2,
     progress: Progress | None = None,
     layer_sources: list[int] | None = None,
     previous: SensitivityProfile | None = None,
-    start_layer: int = 0,
+    start_layer: int | str = 0,
     store: ActivationStore | None = None,
     activation_store: str = "disk",
     dataset: str | None = None,
@@ -81,33 +83,37 @@ def profile_model(
 ) -> SensitivityProfile:
     """Profile ``model`` as it is now on ``calibration_windows`` (LongTensor ``[samples, seqlen]``).
 
-    ``layer_sources[i]`` is the dense-model index of current layer ``i`` (default: ``i``). Weights
+    ``layer_sources[i]`` is the dense-model index of current layer ``i`` (default: ``i``).
+    ``start_layer`` (with ``previous``) reuses the forward metrics of the layers below it; ``"auto"``
+    picks the first layer whose fingerprint or source differs from ``previous``. Weights
     stay where they are; each layer runs on ``device`` while it is measured. ``store`` keeps layer
     inputs between calls (for cheap partial profiles); without it a temporary ``activation_store``
-    ("disk" or "memory") is used when gradients are wanted.
+    ("disk" or "memory") is used when gradients are wanted. ``batch_size`` windows run together;
+    the backward keeps one batch's autograd graph through one layer (about 50 MiB per 512-token
+    window on the shared model), so small batches bound the peak.
     """
     started = time.perf_counter()
     adapter = adapter_for(model)
     windows = _check_windows(calibration_windows, model)
     sources = _check_sources(layer_sources, adapter.num_layers)
     digest = windows_digest(windows)
-    _check_previous(previous, start_layer, digest, sources)
+    fingerprints = [layer_fingerprint(layer) for layer in adapter.layers()]
+    keys = prefix_keys(digest, fingerprints)
+    start_layer = _resolve_start(start_layer, previous, digest, sources, fingerprints)
     if batch_size < 1:
         raise InputError(f"batch size {batch_size} is not positive", "use a batch size of 1 or more")
     work = resolve_device(device)
     report = progress or (lambda phase, done, total: None)
     owned = store is None and gradients
     acts = ActivationStore(activation_store) if owned else store
-    if acts is not None:
-        acts.reset(digest)
     try:
         with _measuring(model):
             inputs = capture_layer_inputs(adapter, windows, batch_size, work)
-            hidden = _inputs_of(adapter, start_layer, inputs, acts, work)
+            hidden = _inputs_of(adapter, start_layer, inputs, acts, work, keys)
             fresh = {}
             for index in range(start_layer, adapter.num_layers):
                 if acts is not None:
-                    acts.put(index, hidden)
+                    acts.put(index, hidden, keys[index])
                 fresh[index] = _forward_layer(adapter, index, hidden, inputs, work, spike_ratio, spike_min)
                 report("forward", index + 1 - start_layer, adapter.num_layers - start_layer)
             if acts is not None:
@@ -115,13 +121,12 @@ def profile_model(
             forward_seconds = time.perf_counter() - started
             grads, loss = (None, None)
             if gradients:
-                grad, loss = grad_pass.output_gradient(adapter, hidden, windows, loss_chunk_tokens)
-                del hidden  # the backward needs only the stored inputs from here on
-                grads = _backward(adapter, grad, inputs, acts, work, report)
+                loss = grad_pass.output_gradient(adapter, hidden, windows, loss_chunk_tokens)
+                grads = _backward(adapter, hidden, inputs, acts, work, report)  # hidden now holds dL/dh
     finally:
         if owned:
             acts.close()
-    layers = _assemble(sources, previous, start_layer, fresh, grads)
+    layers = _assemble(sources, fingerprints, previous, start_layer, fresh, grads)
     swaps = _super_weights(previous, start_layer, fresh)
     seconds = time.perf_counter() - started
     return SensitivityProfile(
@@ -146,15 +151,19 @@ def profile_model(
 # ---- passes ------------------------------------------------------------------------------------
 @torch.no_grad()
 def _inputs_of(
-    adapter: FamilyAdapter, start: int, inputs: LayerInputs, acts: ActivationStore | None, work: torch.device
+    adapter: FamilyAdapter, start: int, inputs: LayerInputs, acts: ActivationStore | None,
+    work: torch.device, keys: list[str],
 ) -> torch.Tensor:
-    """Inputs of layer ``start``: from the store when it holds them, else by a plain forward."""
-    if start > 0 and acts is not None and all(acts.has(i) for i in range(start + 1)):
+    """Inputs of layer ``start``: from the store when its entries are current, else by a plain forward.
+
+    Takes the captured embeddings out of ``inputs`` so that only one full-size buffer exists.
+    """
+    hidden, inputs.hidden = inputs.hidden, None
+    if start > 0 and acts is not None and all(acts.has(i, keys[i]) for i in range(start + 1)):
         return acts.get(start, work)
-    hidden = inputs.hidden
     for index in range(start):
         if acts is not None:
-            acts.put(index, hidden)
+            acts.put(index, hidden, keys[index])
         layer = adapter.layers()[index]
         with on_device(layer, work):
             for b, batch in enumerate(inputs.batches):
@@ -185,6 +194,7 @@ def _forward_layer(
         stats = forward_stats(adapter, layer, collectors, depth, spike_ratio, spike_min)
         for collector in collectors.values():
             collector.free()
+    release_memory()
     return stats
 
 
@@ -197,16 +207,16 @@ def _backward(
     total = adapter.num_layers
     for index in reversed(range(total)):
         layer = adapter.layers()[index]
-        layer_inputs = acts.get(index, work)
         with on_device(layer, work):
             weights = [m.weight for m in adapter.linear_modules(layer).values()]
             grad = grad_pass.layer_backward(
-                layer, weights, layer_inputs, grad, inputs.batches, [kw[index] for kw in inputs.kwargs]
+                layer, weights, lambda rows, i=index: acts.get(i, work, rows), grad,
+                inputs.batches, [kw[index] for kw in inputs.kwargs],
             )
             stats[index] = gradient_stats(adapter, layer)
             for weight in weights:
                 weight.grad = None
-        del layer_inputs
+        release_memory()
         report("gradients", total - index, total)
     return stats
 
@@ -235,7 +245,7 @@ class _measuring:
 
 # ---- assembly ----------------------------------------------------------------------------------
 def _assemble(
-    sources: list[int], previous: SensitivityProfile | None, start: int,
+    sources: list[int], fingerprints: list[str], previous: SensitivityProfile | None, start: int,
     fresh: dict[int, ForwardStats], grads: dict[int, GradientStats] | None,
 ) -> list[LayerProfile]:
     layers = []
@@ -243,14 +253,14 @@ def _assemble(
         if index < start:
             layer = previous.layers[index].model_copy(deep=True, update={"reused": True})
         else:
-            layer = _forward_record(index, source, fresh[index])
+            layer = _forward_record(index, source, fingerprints[index], fresh[index])
         layers.append(_with_gradients(layer, grads[index] if grads else None))
     return _with_zscores(layers)
 
 
-def _forward_record(index: int, source: int, stats: ForwardStats) -> LayerProfile:
+def _forward_record(index: int, source: int, fingerprint: str, stats: ForwardStats) -> LayerProfile:
     return LayerProfile(
-        index=index, source=source, params=stats.params, nonzero=stats.nonzero,
+        index=index, source=source, fingerprint=fingerprint, params=stats.params, nonzero=stats.nonzero,
         num_heads=stats.num_heads, num_kv_heads=stats.num_kv_heads,
         intermediate_size=stats.intermediate_size, block_influence=stats.block_influence,
         angular_distance=stats.angular_distance, wanda=stats.wanda, wanda_p10=stats.wanda_p10,
@@ -297,22 +307,6 @@ def _model_info(model: nn.Module, adapter: FamilyAdapter, name: str | None) -> M
     )
 
 
-def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
-    """Cheap identity of a model as it is now: every tensor's name, shape, dtype and a strided sample.
-
-    Changes when any shape changes (structured pruning) and, in practice, when weights are refit;
-    hashing every byte would cost about a second per GB on each profile.
-    """
-    h = hashlib.sha256(model.config.model_type.encode())
-    for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1)
-        step = max(flat.numel() // samples_per_tensor, 1)
-        sample = flat[::step].to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 # ---- input checks ------------------------------------------------------------------------------
 def _check_windows(windows: torch.Tensor, model: nn.Module) -> torch.Tensor:
     integer = isinstance(windows, torch.Tensor) and windows.dtype in (torch.int64, torch.int32)
@@ -338,18 +332,35 @@ def _check_sources(sources: list[int] | None, num_layers: int) -> list[int]:
     return [int(s) for s in sources]
 
 
-def _check_previous(previous: SensitivityProfile | None, start: int, digest: str, sources: list[int]) -> None:
+def _resolve_start(
+    start: int | str, previous: SensitivityProfile | None, digest: str,
+    sources: list[int], fingerprints: list[str],
+) -> int:
+    """The first layer to measure again; ``"auto"`` = the first layer that differs from ``previous``."""
+    if start == "auto":
+        if previous is None or previous.calibration.digest != digest:
+            return 0
+        for index, (source, fingerprint) in enumerate(zip(sources, fingerprints)):
+            if index >= len(previous.layers) or previous.layers[index].fingerprint != fingerprint \
+                    or previous.layers[index].source != source:
+                return index
+        return len(sources) - 1  # nothing changed: the last layer's output is still needed
+    if not isinstance(start, int) or isinstance(start, bool):
+        raise InputError(f"start_layer={start!r} is not a layer index", "pass an int or 'auto'")
     if start == 0:
-        return
+        return 0
     if previous is None:
         raise InputError(f"start_layer={start} needs the previous profile",
                          "pass previous=... or start_layer=0")
-    limit = min(len(sources), len(previous.layers))
+    limit = min(len(sources) - 1, len(previous.layers))
     if not 0 < start <= limit:
-        raise InputError(f"start_layer={start} is out of range", f"use 0..{limit}")
+        raise InputError(f"start_layer={start} is out of range", f"use 0..{limit} or 'auto'")
     if previous.calibration.digest != digest:
         raise InputError("the previous profile used other calibration windows",
                          "recompute from start_layer=0 or reuse the same windows")
-    if [layer.source for layer in previous.layers[:start]] != sources[:start]:
-        raise InputError(f"layers before {start} are not the ones the previous profile measured",
-                         "pass the first changed layer as start_layer")
+    before = previous.layers[:start]
+    if [layer.source for layer in before] != sources[:start] or \
+            [layer.fingerprint for layer in before] != fingerprints[:start]:
+        raise InputError(f"layers before {start} changed since the previous profile",
+                         "pass the first changed layer as start_layer, or start_layer='auto'")
+    return start

@@ -74,6 +74,7 @@ class Structures(_Record):
 class LayerProfile(_Record):
     index: int
     source: int
+    fingerprint: str = Field(description="identity of the layer's tensors when measured")
     params: int
     nonzero: int
     num_heads: int
@@ -163,6 +164,14 @@ class SensitivityProfile(_Record):
 
     def zscore(self, name: str) -> list[float | None]:
         return [layer.z.get(name) for layer in self.layers]
+
+    def structure_scores(self, method: Literal["amp", "taylor"] = "amp") -> list[dict[str, list[float]]]:
+        """Per current layer ``{"kv_groups", "heads", "mlp_channels"}`` score lists for pruners."""
+        chosen = [layer.structures if method == "amp" else layer.structures_taylor for layer in self.layers]
+        if any(s is None for s in chosen):
+            raise InputError(f"this profile has no {method} structure scores",
+                             "profile with gradients for Taylor scores")
+        return [s.model_dump() for s in chosen]
 
     def protected_sources(self) -> list[ProtectedItem]:
         """``protected`` with layer (and, for kind "layer", index) mapped to dense-model sources."""

@@ -11,6 +11,7 @@ CPU: :func:`on_device` moves one module to the accelerator for as long as it run
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from agent_prune.models.adapters import FamilyAdapter
 class LayerInputs:
     """Inputs of layer 0 for all samples, and each batch's per-layer keyword arguments."""
 
-    hidden: torch.Tensor                      # (samples, seqlen, hidden), on the work device
+    hidden: torch.Tensor | None               # (samples, seqlen, hidden), on the work device
     batches: list[slice]                      # sample ranges, one per calibration batch
     kwargs: list[list[dict]]                  # kwargs[batch][layer]
 
@@ -110,6 +111,28 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed activation-sized blocks otherwise).
+
+    Buffers under glibc's dynamic mmap threshold (up to 32 MiB) live on the heap, and their pages
+    stay resident after ``free``; trimming after each layer keeps the process's RSS close to what
+    is actually in use. A no-op where ``malloc_trim`` does not exist.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
 def windows_digest(windows: torch.Tensor) -> str:
     """Identity of a calibration set: the token ids' bytes (reused activations must match it)."""
     ids = windows.detach().to("cpu", torch.int64).contiguous()
@@ -121,45 +144,45 @@ class ActivationStore:
 
     ``disk`` (default) writes each tensor to a temporary file and reads it back when needed, so
     host memory holds one layer's activations at a time; ``memory`` keeps them as tensors (fast,
-    but ``layers x samples x seqlen x hidden`` elements stay resident). A store remembers which
-    calibration set it holds (``digest``) so a later profile can reuse the unchanged prefix.
+    but ``layers x samples x seqlen x hidden`` elements stay resident). Each entry carries a key
+    (the calibration set and the fingerprints of the layers below it, see
+    :func:`~agent_prune.sensitivity.fingerprints.prefix_keys`), so a later profile reuses an entry
+    only when it is still exactly what those layers would produce.
     """
 
     def __init__(self, kind: str = "disk", directory: str | Path | None = None):
         if kind not in ("disk", "memory"):
             raise InputError(f"unknown activation store '{kind}'", "use 'disk' or 'memory'")
         self.kind = kind
-        self.digest: str | None = None
         self._tensors: dict[int, torch.Tensor] = {}
-        self._meta: dict[int, tuple[torch.Size, torch.dtype]] = {}
+        self._meta: dict[int, tuple[torch.Size, torch.dtype, str | None]] = {}
         self._dir = None
         if kind == "disk":
             self._dir = Path(tempfile.mkdtemp(prefix="agent-prune-acts-", dir=directory))
 
-    def reset(self, digest: str) -> None:
-        """Start holding activations of the calibration set ``digest`` (drops any other set's)."""
-        if digest != self.digest:
-            self.drop_from(0)
-            self.digest = digest
-
-    def put(self, index: int, tensor: torch.Tensor) -> None:
+    def put(self, index: int, tensor: torch.Tensor, key: str | None = None) -> None:
         tensor = tensor.detach()
         if self._dir is None:
             self._tensors[index] = tensor.clone()
         else:
             raw = tensor.to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy()
             raw.tofile(self._dir / f"layer{index}.bin")
-        self._meta[index] = (tensor.shape, tensor.dtype)
+        self._meta[index] = (tensor.shape, tensor.dtype, key)
 
-    def has(self, index: int) -> bool:
-        return index in self._meta
+    def has(self, index: int, key: str | None = None) -> bool:
+        return index in self._meta and (key is None or self._meta[index][2] == key)
 
-    def get(self, index: int, device: torch.device) -> torch.Tensor:
-        if self._dir is None:
-            return self._tensors[index].to(device)
-        shape, dtype = self._meta[index]
-        raw = torch.from_numpy(np.fromfile(self._dir / f"layer{index}.bin", dtype=np.uint8))
-        return raw.view(dtype).reshape(shape).to(device)
+    def get(self, index: int, device: torch.device, samples: slice | None = None) -> torch.Tensor:
+        """Layer ``index``'s inputs (only the ``samples`` rows if given: the disk store reads just those)."""
+        rows = samples or slice(None)
+        if self._dir is None:  # a copy: callers may use it as a working buffer
+            return self._tensors[index][rows].to(device, copy=True)
+        shape, dtype, _ = self._meta[index]
+        first, stop, _ = rows.indices(shape[0])
+        row_bytes = shape[1:].numel() * dtype.itemsize
+        raw = np.fromfile(self._dir / f"layer{index}.bin", dtype=np.uint8,
+                          count=(stop - first) * row_bytes, offset=first * row_bytes)
+        return torch.from_numpy(raw).view(dtype).reshape(stop - first, *shape[1:]).to(device)
 
     def drop_from(self, index: int) -> None:
         """Forget layers ``index`` and above (they change when an earlier layer changes)."""

@@ -98,7 +98,7 @@ def test_taylor_structures_sum_the_weights_each_structure_owns():
         "gate_proj": torch.rand(inter, hidden), "up_proj": torch.rand(inter, hidden),
         "down_proj": torch.rand(hidden, inter),
     }
-    s = metrics.taylor_structures(t, kv, d)
+    s = metrics.taylor_structures({name: metrics.owned_sums(name, v) for name, v in t.items()}, kv, d)
     head1 = t["q_proj"][2:4].sum() + t["o_proj"][:, 2:4].sum()
     assert float(s["heads"][1]) == pytest.approx(float(head1))
     group1 = s["heads"][2] + s["heads"][3] + t["k_proj"][2:4].sum() + t["v_proj"][2:4].sum()

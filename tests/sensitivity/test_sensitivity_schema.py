@@ -62,12 +62,15 @@ def test_fingerprint_changes_when_the_model_changes():
     import torch
 
     from agent_prune.models.adapters import adapter_for
-    from agent_prune.sensitivity import model_fingerprint
+    from agent_prune.sensitivity import layer_fingerprint, model_fingerprint
     from tests.conftest import tiny_model
 
     model = tiny_model("llama")
-    before = model_fingerprint(model)
+    layers = adapter_for(model).layers()
+    before, layer_before = model_fingerprint(model), [layer_fingerprint(layer) for layer in layers]
     assert model_fingerprint(tiny_model("llama")) == before
     with torch.no_grad():
-        adapter_for(model).layers()[1].mlp.up_proj.weight.mul_(0.9)
+        layers[1].mlp.up_proj.weight[7, 3] = 0.0  # a single masked weight is enough
     assert model_fingerprint(model) != before
+    after = [layer_fingerprint(layer) for layer in layers]
+    assert after[0] == layer_before[0] and after[2:] == layer_before[2:] and after[1] != layer_before[1]

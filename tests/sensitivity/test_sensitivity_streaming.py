@@ -117,12 +117,13 @@ def test_partial_profile_after_a_width_change_equals_a_full_one(persistent):
     model = tiny_model("llama")
     ids = windows()
     store = ActivationStore("memory") if persistent else None
-    before = profile_model(model, ids, store=store)
+    before = profile_model(model, ids, store=store, batch_size=4)
     _changed_from_layer_2(model)
     calls = []
     hook = adapter_for(model).layers()[0].register_forward_hook(lambda *a: calls.append(1))
-    partial = profile_model(model, ids, previous=before, start_layer=2, store=store)
+    partial = profile_model(model, ids, previous=before, start_layer="auto", store=store, batch_size=4)
     hook.remove()
+    assert partial.cost.start_layer == 2
     full = profile_model(model, ids)
     # with a persistent store neither layer 0 nor 1 runs forward again (the backward re-runs them)
     forward_calls = 0 if persistent else 2
@@ -142,12 +143,30 @@ def test_partial_profile_after_a_depth_cut_uses_current_indices_and_sources():
     ids = windows()
     before = profile_model(model, ids)
     adapter_for(model).keep_layers([0, 2, 3])
-    partial = profile_model(model, ids, previous=before, start_layer=1, layer_sources=[0, 2, 3])
+    partial = profile_model(model, ids, previous=before, start_layer="auto", layer_sources=[0, 2, 3])
+    assert partial.cost.start_layer == 1
     full = profile_model(model, ids, layer_sources=[0, 2, 3])
     assert [layer.index for layer in partial.layers] == [0, 1, 2]
     assert [layer.source for layer in partial.layers] == [0, 2, 3]
     for p, f in zip(partial.layers, full.layers):
         assert p.block_influence == pytest.approx(f.block_influence, rel=1e-5)
+        assert p.gradient == pytest.approx(f.gradient, rel=1e-5)
+
+
+def test_a_shared_store_never_serves_activations_of_another_model():
+    model, ids = tiny_model("llama"), windows()
+    with ActivationStore("memory") as store:
+        before = profile_model(model, ids, store=store)
+        candidate = tiny_model("llama")
+        with torch.no_grad():
+            adapter_for(candidate).layers()[1].mlp.up_proj.weight.mul_(2.0)
+        profile_model(candidate, ids, store=store)  # overwrites entries 0..3 with its activations
+        _changed_from_layer_2(model)
+        partial = profile_model(model, ids, previous=before, start_layer=2, store=store)
+    full = profile_model(model, ids)
+    for p, f in zip(partial.layers, full.layers):
+        assert p.block_influence == pytest.approx(f.block_influence, rel=1e-5)
+        assert p.wanda == pytest.approx(f.wanda, rel=1e-5)
         assert p.gradient == pytest.approx(f.gradient, rel=1e-5)
 
 
@@ -164,8 +183,13 @@ def test_bad_inputs_are_one_line_errors(tiny_llama):
     before = profile_model(tiny_llama, ids, gradients=False)
     with pytest.raises(InputError, match="other calibration windows"):
         profile_model(tiny_llama, windows(seed=2), previous=before, start_layer=1)
-    with pytest.raises(InputError, match="not the ones"):
+    with pytest.raises(InputError, match="changed since the previous profile"):
         profile_model(tiny_llama, ids, previous=before, start_layer=2, layer_sources=[0, 5, 6, 7])
+    with torch.no_grad():
+        adapter_for(tiny_llama).layers()[0].mlp.up_proj.weight[3, 5] = 0.0  # one masked weight
+    with pytest.raises(InputError, match="changed since the previous profile"):
+        profile_model(tiny_llama, ids, previous=before, start_layer=2)
+    assert profile_model(tiny_llama, ids, previous=before, start_layer="auto").cost.start_layer == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -177,3 +201,20 @@ def test_weights_stay_on_cpu_while_layers_run_on_cuda(tiny_llama):
     for a, b in zip(on_cpu.layers, on_gpu.layers):
         assert a.wanda == pytest.approx(b.wanda, rel=1e-3)
         assert a.gradient == pytest.approx(b.gradient, rel=1e-3)
+
+
+def test_statistics_describe_only_the_weights_that_remain(tiny_llama):
+    q_proj = adapter_for(tiny_llama).layers()[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.weight[:16] = 0  # a masked head
+    ids = windows()
+    profile = profile_model(tiny_llama, ids)
+    inputs, _, _ = reference(tiny_llama, ids)
+    stats = profile.layers[0].modules["self_attn.q_proj"]
+    assert (stats.params, stats.nonzero) == (64 * 64, 48 * 64)
+    norm = (inputs[(0, "self_attn.q_proj")].pow(2).sum(dim=(0, 1)) / SAMPLES).sqrt()
+    kept = (q_proj.weight[16:].abs() * norm).detach()
+    assert stats.wanda == pytest.approx(float(kept.mean()), rel=1e-4)
+    assert stats.wanda_p10 == pytest.approx(float(np.percentile(kept.numpy(), 10)), rel=1e-4)
+    assert stats.gradient == pytest.approx(float(q_proj.weight.grad[16:].abs().mean()), rel=1e-3)
+    assert profile.layers[0].nonzero == profile.layers[0].params - 16 * 64
