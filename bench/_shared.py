@@ -31,23 +31,31 @@ def perplexity(model: nn.Module, tokenizer, data_dir, seqlen: int = 512, windows
 
 @torch.no_grad()
 def wanda_mlp_scores(adapter, windows: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
-    """Per layer, per MLP channel: ||X_j||_2 * sum_i |W_down[i, j]| (Wanda's |W|*||X||, by column)."""
-    downs = [adapter.mlp_projections(layer)["down_proj"] for layer in adapter.layers()]
-    sq = [torch.zeros(down.in_features) for down in downs]
+    """Wanda-sp MLP channel scores (An et al., arXiv 2312.11983): the sum of |W| * ||X|| over every
+    weight of the channel: its gate and up rows (inputs: the MLP's input features) and its down column
+    (input: the channel's own activation)."""
+    mlps = [adapter.mlp_projections(layer) for layer in adapter.layers()]
+    norms_in = [torch.zeros(m["gate_proj"].in_features) for m in mlps]
+    norms_mid = [torch.zeros(m["down_proj"].in_features) for m in mlps]
 
     def accumulate(acc):
         def hook(_module, args, _output):
             acc.add_(args[0].float().pow(2).sum(dim=(0, 1)))  # returns None: output unchanged
         return hook
 
-    hooks = [down.register_forward_hook(accumulate(acc)) for down, acc in zip(downs, sq)]
+    hooks = [m["gate_proj"].register_forward_hook(accumulate(a)) for m, a in zip(mlps, norms_in)]
+    hooks += [m["down_proj"].register_forward_hook(accumulate(a)) for m, a in zip(mlps, norms_mid)]
     try:
         for part in batches(windows.shape[0], batch_size):
             adapter.model(input_ids=windows[part], use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
-    return [acc.sqrt() * down.weight.abs().sum(dim=0) for down, acc in zip(downs, sq)]
+    scores = []
+    for m, x_in, x_mid in zip(mlps, norms_in, norms_mid):
+        rows = (m["gate_proj"].weight.abs() + m["up_proj"].weight.abs()) @ x_in.sqrt()
+        scores.append(rows + m["down_proj"].weight.abs().sum(dim=0) * x_mid.sqrt())
+    return scores
 
 
 def _slice(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:

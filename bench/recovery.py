@@ -1,9 +1,10 @@
 """Local reconstruction on the shared model: perplexity before/after, time and peak memory.
 
 Protocol: SmolLM2-135M-Instruct (fp32, CPU); uniform MLP width cut removing ~20% of the prunable
-(decoder linear) parameters, channels ranked by the Wanda-structured score ||X_j|| * sum_i |W_down[i,j]|
-from ``--score-windows`` C4 calibration windows; reconstruction on ``--windows`` C4 windows (seed 0,
-the last ``--heldout`` only measured); WikiText-2 test perplexity, seqlen 512, first 32 windows.
+(decoder linear) parameters, channels ranked by the Wanda-sp structured score (sum of |W| * ||X||
+over the channel's gate/up rows and down column) from ``--score-windows`` C4 calibration windows;
+reconstruction on ``--windows`` C4 windows (seed 0, the last ``--heldout`` only measured);
+WikiText-2 test perplexity, seqlen 512, first 32 windows.
 
     python bench/recovery.py --model ../shared/models/smollm2-135m-instruct --data-dir ../shared/data \
         --windows 64 --json-out bench/results/recovery.json
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--ridge", type=float, default=1e-3)
     p.add_argument("--scope", choices=("touched", "all"), default="touched")
     p.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense perplexity")
+    p.add_argument("--scores-cache", default=None, help="safetensors file to reuse channel scores from")
     p.add_argument("--save-cut", default=None, help="save the cut model (before reconstruction) here")
     p.add_argument("--save-reconstructed", default=None, help="save the reconstructed model here")
     p.add_argument("--json-out", default=None)
@@ -63,6 +65,18 @@ def mlp_channels_to_keep(adapter, sparsity: float) -> int:
     return width - round(sparsity * prunable / per_channel)
 
 
+def channel_scores(adapter, windows, cache: str | None) -> list[torch.Tensor]:
+    from safetensors.torch import load_file, save_file
+
+    if cache and Path(cache).is_file():
+        stored = load_file(cache)
+        return [stored[f"L{i}"] for i in range(len(stored))]
+    scores = wanda_mlp_scores(adapter, windows)
+    if cache:
+        save_file({f"L{i}": s.contiguous() for i, s in enumerate(scores)}, cache)
+    return scores
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     data_dir = resolve_data_dir(args.data_dir)
@@ -76,7 +90,7 @@ def main(argv=None) -> dict:
     if not args.skip_dense:
         result["dense_ppl"] = perplexity(dense, tokenizer, data_dir, args.seqlen, args.ppl_windows)
     started = time.perf_counter()
-    scores = wanda_mlp_scores(loaded.adapter, calib[: args.score_windows])
+    scores = channel_scores(loaded.adapter, calib[: args.score_windows], args.scores_cache)
     pruned = copy.deepcopy(dense)
     keep = mlp_channels_to_keep(adapter_for(pruned), args.sparsity)
     cut_mlp_channels(adapter_for(pruned), scores, keep)

@@ -41,6 +41,7 @@ class HealSettings(BaseModel):
     batch_size: int = Field(default=4, gt=0)
     warmup: float = Field(default=0.03, ge=0, lt=1)
     teacher_top_k: int | None = Field(default=None, gt=0)  # distil toward top-k + tail instead of full
+    bf16: bool = False  # bfloat16 autocast for the forward and backward passes (weights stay fp32)
     seed: int = 0
 
     @property
@@ -162,12 +163,13 @@ def _train(student, teacher, windows, settings, optimizer, progress):
 
 
 def _step(student, teacher, ids, settings, optimizer) -> float:
-    with torch.no_grad():
+    device = ids.device.type
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=settings.bf16):
         teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-        target: torch.Tensor | TopK = (top_k(teacher_logits, settings.teacher_top_k)
-                                       if settings.teacher_top_k else teacher_logits)
-    del teacher_logits
-    logits = student(input_ids=ids, use_cache=False).logits
+    target: torch.Tensor | TopK = (top_k(teacher_logits, settings.teacher_top_k)
+                                   if settings.teacher_top_k else teacher_logits)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=settings.bf16):
+        logits = student(input_ids=ids, use_cache=False).logits
     loss = kl_top_k(logits, target) if isinstance(target, TopK) else kl_full(logits, target)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)

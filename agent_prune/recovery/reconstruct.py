@@ -91,6 +91,7 @@ def reconstruct(
     ridge: float = 1e-3,
     heldout: int = 0,
     scope: str = "touched",
+    target: str = "auto",
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReconstructionReport:
@@ -98,11 +99,13 @@ def reconstruct(
 
     ``sources[i]`` is the dense index of pruned layer ``i``. The last ``heldout`` windows are not
     fitted on, only measured. ``scope``: ``touched`` refits layers whose width changed or that
-    precede a gap; ``all`` refits every layer (also correcting upstream error).
+    precede a gap; ``all`` refits every layer (also correcting upstream error). ``target``: ``auto``
+    (residual where the family allows it), ``residual`` or ``output`` (see the module docstring).
     """
     started = time.perf_counter()
     p_adapter, d_adapter = adapter_for(pruned), adapter_for(dense)
     _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope)
+    mode = _mode(p_adapter, target)
     n_fit = windows.shape[0] - heldout
     p_kwargs, d_kwargs = layer_kwargs(p_adapter, windows[0]), layer_kwargs(d_adapter, windows[0])
     with torch.no_grad():
@@ -114,16 +117,16 @@ def reconstruct(
         next_source = sources[index + 1] if index + 1 < len(sources) else d_adapter.num_layers
         with torch.no_grad():
             _advance_dense(d_adapter, streams, source, d_kwargs, batch_size)
-        modules = _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope)
+        modules = _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope, mode)
         record = _refit_layer(p_adapter, d_adapter, streams, index, source, next_source, modules,
-                              p_kwargs[index], d_kwargs, n_fit, ridge, batch_size)
+                              p_kwargs[index], d_kwargs, n_fit, ridge, batch_size, mode == "residual")
         records.append(record)
         overrides += [override_key(source, m) for m in modules]
         if progress is not None:
             progress(index + 1, len(sources))
     return ReconstructionReport(
         layers=records, overrides=overrides, fit_tokens=n_fit * windows.shape[1],
-        heldout_tokens=heldout * windows.shape[1], ridge=ridge, mode=_mode(p_adapter),
+        heldout_tokens=heldout * windows.shape[1], ridge=ridge, mode=mode,
         seconds=time.perf_counter() - started,
     )
 
@@ -142,18 +145,24 @@ def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope) -> Non
         raise InputError(f"unknown reconstruction scope '{scope}'", "use touched or all")
 
 
-def _mode(adapter: FamilyAdapter) -> str:
-    return "residual" if adapter.projections_feed_residual(adapter.layers()[0]) else "output"
+def _mode(adapter: FamilyAdapter, target: str) -> str:
+    feeds_residual = adapter.projections_feed_residual(adapter.layers()[0])
+    if target == "residual" and not feeds_residual:
+        raise InputError(f"{adapter.config.model_type} normalises block outputs, so residual targets do "
+                         "not apply", "use target='output' or 'auto'")
+    if target not in ("auto", "residual", "output"):
+        raise InputError(f"unknown reconstruction target '{target}'", "use auto, residual or output")
+    return "residual" if target == "residual" or (target == "auto" and feeds_residual) else "output"
 
 
-def _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope) -> list[str]:
+def _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope, mode) -> list[str]:
     if scope == "all":
         return [ATTN_OUT, MLP_OUT]
     pruned_widths = p_adapter.layer_widths(p_adapter.layers()[index])
     dense_widths = d_adapter.layer_widths(d_adapter.layers()[source])
     gap_follows = next_source > source + 1
     modules = []
-    if pruned_widths.num_heads < dense_widths.num_heads or (gap_follows and _mode(p_adapter) == "residual"):
+    if pruned_widths.num_heads < dense_widths.num_heads or (gap_follows and mode == "residual"):
         modules.append(ATTN_OUT)
     if pruned_widths.intermediate_size < dense_widths.intermediate_size or modules:
         modules.append(MLP_OUT)
@@ -219,8 +228,7 @@ def _dense_references(d_adapter, streams, source, next_source, d_kwargs, batch_s
 
 @torch.no_grad()
 def _refit_layer(p_adapter, d_adapter, streams, index, source, next_source, modules, kwargs, d_kwargs,
-                 n_fit, ridge, batch_size) -> LayerRefit:
-    residual = _mode(p_adapter) == "residual"
+                 n_fit, ridge, batch_size, residual: bool) -> LayerRefit:
     attn_ref, mlp_ref = _dense_references(d_adapter, streams, source, next_source, d_kwargs,
                                           batch_size, residual)
     layer = p_adapter.layers()[index]
