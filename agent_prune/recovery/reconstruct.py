@@ -25,7 +25,7 @@ Two target modes:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.recovery.layout import Layout, layer_sources, mark_overridden
 from agent_prune.recovery.ridge import LeastSquaresCollector
 from agent_prune.recovery.streaming import batches, embed, layer_kwargs, run_layer, tap
 
@@ -85,10 +86,10 @@ def override_key(source: int, module: str) -> str:
 def reconstruct(
     pruned: nn.Module,
     dense: nn.Module,
-    sources: Sequence[int],
+    manifest: Layout,
     windows: torch.Tensor,
     *,
-    ridge: float = 1e-3,
+    ridge: float = 1e-2,
     heldout: int = 0,
     scope: str = "touched",
     target: str = "auto",
@@ -97,12 +98,14 @@ def reconstruct(
 ) -> ReconstructionReport:
     """Refit ``pruned`` in place so its blocks reproduce ``dense``'s; returns per-layer errors.
 
-    ``sources[i]`` is the dense index of pruned layer ``i``. The last ``heldout`` windows are not
+    ``manifest`` is the pruning manifest (refit modules are marked overridden in it, so checkpoints
+    keep their values) or just the dense index of each pruned layer. The last ``heldout`` windows are not
     fitted on, only measured. ``scope``: ``touched`` refits layers whose width changed or that
     precede a gap; ``all`` refits every layer (also correcting upstream error). ``target``: ``auto``
     (residual where the family allows it), ``residual`` or ``output`` (see the module docstring).
     """
     started = time.perf_counter()
+    sources = layer_sources(manifest)
     p_adapter, d_adapter = adapter_for(pruned), adapter_for(dense)
     _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope)
     mode = _mode(p_adapter, target)
@@ -122,6 +125,8 @@ def reconstruct(
                               p_kwargs[index], d_kwargs, n_fit, ridge, batch_size, mode == "residual")
         records.append(record)
         overrides += [override_key(source, m) for m in modules]
+        for module in modules:
+            mark_overridden(manifest, index, module)
         if progress is not None:
             progress(index + 1, len(sources))
     return ReconstructionReport(
