@@ -1,0 +1,1 @@
+"""The agent: LangGraph controller, decisions and gates, planners."""

@@ -1,0 +1,1 @@
+"""Planners: the deterministic heuristic and LLM-backed ones, behind one interface."""

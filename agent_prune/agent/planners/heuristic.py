@@ -1,0 +1,78 @@
+"""The deterministic planner: least sensitive structures first, read off the z-scored profile.
+
+Rule (documented in the README):
+- depth: rank layers by depth importance = mean z of block influence and angular distance
+  (ShortGPT, Gromov et al.: a layer that barely changes its input is expendable); propose them
+  least important first, never the first or last layer, protected layers, or layers whose removal
+  was just rolled back.
+- width: thin every layer whose width importance (mean z of the Wanda 10th-percentile score and
+  the first-order Taylor score) is below ``spare_z``, least important first, sparing clear outliers;
+  MLP channels only (on GQA models a single KV group is a large share of a layer's attention).
+The loop evaluates both candidates and keeps the better one, so the rule only has to propose
+sensible candidates, not pick between them.
+"""
+
+from __future__ import annotations
+
+from agent_prune.agent.planners.base import Attempt, FailedStep, PlannerResult, ReflectionResult
+from agent_prune.agent.proposal import (
+    DepthProposal,
+    LayerRow,
+    PlannerContext,
+    Proposal,
+    Reflection,
+    WidthProposal,
+)
+
+DEPTH_METRICS = ("block_influence", "angular_distance")
+WIDTH_METRICS = ("wanda_p10", "taylor")
+
+
+def mean_z(row: LayerRow, metrics: tuple[str, ...]) -> float:
+    values = [row.z[m] for m in metrics if m in row.z]
+    return sum(values) / len(values) if values else 0.0
+
+
+class HeuristicPlanner:
+    name = "heuristic"
+
+    def __init__(self, spare_z: float = 1.0):
+        self.spare_z = spare_z
+
+    def propose(self, context: PlannerContext) -> PlannerResult:
+        proposal = heuristic_proposal(context, self.spare_z)
+        return PlannerResult(planner=self.name, proposal=proposal,
+                             attempts=[Attempt(raw_reply=proposal.model_dump_json())])
+
+    def reflect(self, context: PlannerContext, failed: FailedStep) -> ReflectionResult:
+        tried = failed.proposal.depth.layers[:1] if failed.proposal.depth else []
+        lesson = (f"Iteration {failed.iteration} was rolled back ({failed.outcome}). "
+                  "Try other layers and a smaller step.")
+        return ReflectionResult(planner=self.name,
+                                reflection=Reflection(lesson=lesson, avoid_layers=tried))
+
+
+def heuristic_proposal(context: PlannerContext, spare_z: float = 1.0) -> Proposal:
+    last = context.num_layers - 1
+    avoid = set(context.rejected_layers)
+    depth_order = sorted(context.layers, key=lambda r: (mean_z(r, DEPTH_METRICS), r.index))
+    depth_layers = [r.index for r in depth_order
+                    if not r.protected and r.index not in (0, last) and r.index not in avoid]
+    width_order = sorted(context.layers, key=lambda r: (mean_z(r, WIDTH_METRICS), r.index))
+    width_layers = [r.index for r in width_order if mean_z(r, WIDTH_METRICS) < spare_z]
+    depth = DepthProposal(layers=depth_layers) if depth_layers and "depth" in context.branches else None
+    width = WidthProposal(layers=width_layers, mlp_share=1.0) if "width" in context.branches else None
+    rationale = _rationale(context, depth_layers, width_layers)
+    return Proposal(rationale=rationale, depth=depth, width=width)
+
+
+def _rationale(context: PlannerContext, depth_layers: list[int], width_layers: list[int]) -> str:
+    parts = []
+    if depth_layers:
+        first = context.layer(depth_layers[0])
+        parts.append(f"layer {first.index} has the lowest depth importance "
+                     f"(z={mean_z(first, DEPTH_METRICS):+.2f})")
+    spared = context.num_layers - len(width_layers)
+    parts.append(f"thin MLP channels in {len(width_layers)} layers, sparing {spared} "
+                 f"with width importance z >= 1")
+    return "; ".join(parts) + "."

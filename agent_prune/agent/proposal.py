@@ -1,0 +1,120 @@
+"""What a planner sees (``PlannerContext``) and what it may answer (``Proposal``, ``Reflection``).
+
+Everything here is JSON data: planners never touch tensors, and their replies are validated
+against the context (layers exist, protected layers untouched, budgets respected) before the loop
+acts on them. Layer indices are the *current* model's numbering, the one the profile table shows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LayerRow(BaseModel):
+    """One row of the compact profile table shown to a planner."""
+
+    index: int
+    source: int
+    params: int
+    heads: int
+    kv_heads: int
+    mlp_channels: int
+    protected: bool = False
+    z: dict[str, float] = Field(default_factory=dict)  # metric -> z-score across layers
+
+
+class StepRecord(BaseModel):
+    """An accepted step, as the planner sees it in the history."""
+
+    iteration: int
+    branch: str
+    summary: str
+    sparsity: float
+    perplexity: float
+    probe_accuracy: float | None = None
+
+
+class PlannerContext(BaseModel):
+    iteration: int
+    num_layers: int
+    current_sparsity: float
+    target_sparsity: float
+    step_budget_params: int
+    step_budget_fraction: float  # of the base model's prunable parameters
+    branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
+    layers: list[LayerRow]
+    history: list[StepRecord] = Field(default_factory=list)
+    reflections: list[str] = Field(default_factory=list)
+    rejected_layers: list[int] = Field(default_factory=list)  # tried and rolled back this round
+
+    def layer(self, index: int) -> LayerRow:
+        return self.layers[index]
+
+
+class DepthProposal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(description="current layer indices to remove, most expendable first")
+
+
+class WidthProposal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(description="current layer indices to thin; empty means every layer")
+    mlp_share: float = Field(1.0, ge=0.0, le=1.0,
+                             description="share of the step budget taken from MLP channels; "
+                                         "the rest from attention KV groups")
+
+
+class Proposal(BaseModel):
+    """The planner's next step: a depth and/or a width candidate, with its reasoning."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rationale: str = Field(description="why these layers, in one or two sentences")
+    depth: DepthProposal | None = None
+    width: WidthProposal | None = None
+
+
+class Reflection(BaseModel):
+    """What the planner learned from a rejected step; shown back to it next time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lesson: str = Field(description="what went wrong and what to try instead, in one or two sentences")
+    avoid_layers: list[int] = Field(default_factory=list)
+
+
+def validate_proposal(proposal: Proposal, context: PlannerContext) -> list[str]:
+    """Problems that make ``proposal`` unusable in ``context`` (empty list = valid)."""
+    problems: list[str] = []
+    if proposal.depth is None and proposal.width is None:
+        problems.append("propose at least one of 'depth' or 'width'")
+    n = context.num_layers
+    protected = {row.index for row in context.layers if row.protected}
+    if proposal.depth is not None:
+        if "depth" not in context.branches:
+            problems.append("the depth branch is not allowed in this run")
+        layers = proposal.depth.layers
+        if not layers:
+            problems.append("depth.layers is empty")
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            problems.append(f"depth.layers {bad} do not exist (valid: 0..{n - 1})")
+        if len(set(layers)) != len(layers):
+            problems.append("depth.layers repeats a layer")
+        if set(layers) & protected:
+            problems.append(f"depth.layers {sorted(set(layers) & protected)} are protected")
+        if len(set(layers)) >= n:
+            problems.append("depth.layers would remove every layer")
+    if proposal.width is not None:
+        if "width" not in context.branches:
+            problems.append("the width branch is not allowed in this run")
+        bad = [i for i in proposal.width.layers if not 0 <= i < n]
+        if bad:
+            problems.append(f"width.layers {bad} do not exist (valid: 0..{n - 1})")
+        if len(set(proposal.width.layers)) != len(proposal.width.layers):
+            problems.append("width.layers repeats a layer")
+    return problems
