@@ -49,3 +49,26 @@ def test_heal_command_refuses_an_existing_output(teacher_and_student, tmp_path, 
                  "--tokens", "100"])
     assert code == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_heal_command_keeps_an_agent_prune_export_an_export(tmp_path, capsys):
+    from agent_prune.actions import PruneWidth, apply_actions, dense_manifest
+    from agent_prune.models.export import export_model, read_manifest
+
+    if not (SHARED_DATA / "c4").is_dir():
+        pytest.skip("shared data not found")
+    teacher = tiny_model("llama", initializer_range=0.1)
+    teacher.save_pretrained(tmp_path / "teacher")
+    byte_tokenizer().save_pretrained(tmp_path / "teacher")
+    student = tiny_model("llama", initializer_range=0.1)
+    manifest = apply_actions(student, [PruneWidth(layer=1, mlp_channels=32)], dense_manifest(student))
+    export_model(student, byte_tokenizer(), tmp_path / "student", manifest)
+    out = tmp_path / "healed"
+    code = main(["heal", "--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"),
+                 "--out", str(out), "--tokens", "512", "--seqlen", "64", "--ppl-windows", "0",
+                 "--modules", "down_proj", "--data-dir", str(SHARED_DATA), "--json", "--quiet"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["after"]["perplexity"] is None
+    assert "L1.mlp.down_proj" in read_manifest(out).overridden
+    healed = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert healed.model.layers[1].mlp.down_proj.in_features == 64
