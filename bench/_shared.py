@@ -1,7 +1,7 @@
 """Helpers the recovery benches share: the simple perplexity protocol, a Wanda-structured MLP cut, RSS.
 
-Perplexity (Wanda/SparseGPT protocol): WikiText-2 raw test joined with blank lines, tokenised once,
-non-overlapping ``seqlen`` windows from the start, mean token NLL per window, exp of the mean.
+Perplexity: ``agent_prune.evaluation`` (Wanda/SparseGPT protocol: WikiText-2 raw test joined with
+blank lines, tokenised once, the first non-overlapping ``seqlen`` windows, exp of the mean NLL).
 """
 
 from __future__ import annotations
@@ -14,19 +14,13 @@ import torch
 from torch import nn
 
 from agent_prune.data.corpora import split_windows, tokenize_text, wikitext2_text
+from agent_prune.evaluation.perplexity import perplexity as evaluate_perplexity
 from agent_prune.recovery.streaming import batches
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, data_dir, seqlen: int = 512, windows: int = 32,
-               batch_size: int = 4) -> float:
+def perplexity(model: nn.Module, tokenizer, data_dir, seqlen: int = 512, windows: int = 32) -> float:
     ids = split_windows(tokenize_text(tokenizer, wikitext2_text(data_dir, "test")), seqlen, windows)
-    nll = []
-    for part in batches(ids.shape[0], batch_size):
-        logits = model(input_ids=ids[part], use_cache=False).logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[part][:, 1:], reduction="none")
-        nll += loss.mean(dim=1).tolist()
-    return float(torch.tensor(nll).mean().exp())
+    return evaluate_perplexity(model, ids)[0].value
 
 
 @torch.no_grad()

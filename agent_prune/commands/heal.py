@@ -27,11 +27,11 @@ from agent_prune.commands.common import (
 from agent_prune.data.corpora import split_windows, tokenize_text, wikitext2_text
 from agent_prune.data.sources import resolve_data_dir
 from agent_prune.errors import InputError
+from agent_prune.evaluation.perplexity import perplexity
 from agent_prune.models.export import export_model, read_manifest
 from agent_prune.models.loading import load_model, save_dense
 from agent_prune.recovery.calibration import recovery_windows
 from agent_prune.recovery.heal import ALL_PROJECTIONS, HealProgress, HealSettings, heal
-from agent_prune.recovery.streaming import batches
 
 
 def add_parser(subparsers) -> None:
@@ -110,17 +110,8 @@ def _ppl_windows(tokenizer, data_dir, seqlen: int, count: int) -> torch.Tensor |
     return split_windows(tokenize_text(tokenizer, wikitext2_text(data_dir, "test")), seqlen, count)
 
 
-@torch.no_grad()
-def _perplexity(model: nn.Module, ids: torch.Tensor | None, batch_size: int = 4) -> float | None:
-    """Mean token NLL per window, exp of the mean (Wanda/SparseGPT protocol)."""
-    if ids is None:
-        return None
-    nll = []
-    for part in batches(ids.shape[0], batch_size):
-        logits = model(input_ids=ids[part], use_cache=False).logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[part][:, 1:], reduction="none")
-        nll += loss.mean(dim=1).tolist()
-    return float(torch.tensor(nll).mean().exp())
+def _perplexity(model: nn.Module, ids: torch.Tensor | None) -> float | None:
+    return None if ids is None else perplexity(model, ids)[0].value
 
 
 def _heal_with_progress(student, teacher, train, heldout, settings: HealSettings, manifest, quiet: bool):
