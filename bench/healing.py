@@ -2,7 +2,7 @@
 
 Protocol: SmolLM2-135M-Instruct (fp32, CPU, threads as printed) is the teacher; the student is a
 pruned model saved by ``bench/recovery.py --save-cut/--save-reconstructed`` (uniform MLP width cut,
-~20% of prunable parameters, Wanda-sp channel scores, optionally reconstructed). Healing
+~20% of prunable parameters, Wanda-structured channel scores, optionally reconstructed). Healing
 trains toward the teacher on C4 training windows (the last 50 C4 documents are held out for the KL
 figure); WikiText-2 test perplexity (seqlen 512, first ``--ppl-windows`` windows) at each milestone.
 Evaluation time is not counted in the healing budget.
