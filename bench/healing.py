@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--milestones", type=int, default=4, help="perplexity checkpoints along the way")
+    p.add_argument("--milestones", type=int, default=3,
+                   help="perplexity is measured at 1/n, 2/n, ... of the budget (tokens or seconds)")
     p.add_argument("--ppl-windows", type=int, default=32)
     p.add_argument("--final-tasks", default="", help="e.g. freebaseqa,arc_easy: evaluated before and after")
     p.add_argument("--limit", type=int, default=300, help="items per final task")
@@ -73,10 +74,10 @@ def main(argv=None) -> dict:
     before_tasks = final_tasks(student, tokenizer, data_dir, tasks, args.limit)
     curve = [{"tokens": 0, "seconds": 0.0, "perplexity": ppl()}]
     print(f"start: perplexity {curve[0]['perplexity']:.2f}", flush=True)
-    marks = [args.tokens * (i + 1) // args.milestones for i in range(args.milestones - 1)]
+    marks = [(i + 1) / args.milestones for i in range(args.milestones - 1)]  # fractions of the budget
 
     def on_step(p: HealProgress) -> None:
-        if marks and p.tokens >= marks[0]:
+        if marks and p.fraction >= marks[0]:
             marks.pop(0)
             curve.append({"tokens": p.tokens, "seconds": p.seconds, "perplexity": ppl(), "train_kl": p.kl})
             print(f"{p.tokens:>9,} tokens  {p.seconds:7.1f} s  perplexity {curve[-1]['perplexity']:.2f}",
