@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--milestones", type=int, default=3,
                    help="perplexity is measured at 1/n, 2/n, ... of the budget (tokens or seconds)")
     p.add_argument("--ppl-windows", type=int, default=32)
+    p.add_argument("--start-perplexity", type=float, default=None,
+                   help="the student's perplexity if already measured (bench/recovery.py), to skip it")
     p.add_argument("--final-tasks", default="", help="e.g. freebaseqa,arc_easy: evaluated before and after")
     p.add_argument("--limit", type=int, default=300, help="items per final task")
     p.add_argument("--json-out", default=None)
@@ -72,7 +74,7 @@ def main(argv=None) -> dict:
 
     tasks = [t for t in args.final_tasks.split(",") if t]
     before_tasks = final_tasks(student, tokenizer, data_dir, tasks, args.limit)
-    curve = [{"tokens": 0, "seconds": 0.0, "perplexity": ppl()}]
+    curve = [{"tokens": 0, "seconds": 0.0, "perplexity": args.start_perplexity or ppl()}]
     print(f"start: perplexity {curve[0]['perplexity']:.2f}", flush=True)
     marks = [(i + 1) / args.milestones for i in range(args.milestones - 1)]  # fractions of the budget
 
