@@ -31,7 +31,7 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_PROJECTIONS)
 
 
 class HealSettings(BaseModel):
-    """How to heal; defaults are the best per CPU-minute measured on the shared model (docs/benchmarks.md)."""
+    """How to heal. The defaults are the setting of docs/benchmarks.md (Recovery), not a swept optimum."""
 
     max_tokens: int = Field(gt=0)
     max_seconds: float | None = Field(default=None, gt=0)
