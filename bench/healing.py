@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent_prune.data.sources import resolve_data_dir
+from agent_prune.evaluation.harness import run_tasks
 from agent_prune.models.loading import load_model, save_dense
 from agent_prune.recovery.calibration import recovery_windows
 from agent_prune.recovery.heal import ALL_PROJECTIONS, HealProgress, HealSettings, heal
@@ -44,8 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--milestones", type=int, default=4, help="perplexity checkpoints along the way")
+    p.add_argument("--milestones", type=int, default=3,
+                   help="perplexity is measured at 1/n, 2/n, ... of the budget (tokens or seconds)")
     p.add_argument("--ppl-windows", type=int, default=32)
+    p.add_argument("--start-perplexity", type=float, default=None,
+                   help="the student's perplexity if already measured (bench/recovery.py), to skip it")
+    p.add_argument("--final-tasks", default="", help="e.g. freebaseqa,arc_easy: evaluated before and after")
+    p.add_argument("--limit", type=int, default=300, help="items per final task")
     p.add_argument("--json-out", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--save", default=None, help="save the healed model to this folder")
@@ -66,12 +72,14 @@ def main(argv=None) -> dict:
     def ppl() -> float:
         return perplexity(student, tokenizer, data_dir, 512, args.ppl_windows)
 
-    curve = [{"tokens": 0, "seconds": 0.0, "perplexity": ppl()}]
+    tasks = [t for t in args.final_tasks.split(",") if t]
+    before_tasks = final_tasks(student, tokenizer, data_dir, tasks, args.limit)
+    curve = [{"tokens": 0, "seconds": 0.0, "perplexity": args.start_perplexity or ppl()}]
     print(f"start: perplexity {curve[0]['perplexity']:.2f}", flush=True)
-    marks = [args.tokens * (i + 1) // args.milestones for i in range(args.milestones - 1)]
+    marks = [(i + 1) / args.milestones for i in range(args.milestones - 1)]  # fractions of the budget
 
     def on_step(p: HealProgress) -> None:
-        if marks and p.tokens >= marks[0]:
+        if marks and p.fraction >= marks[0]:
             marks.pop(0)
             curve.append({"tokens": p.tokens, "seconds": p.seconds, "perplexity": ppl(), "train_kl": p.kl})
             print(f"{p.tokens:>9,} tokens  {p.seconds:7.1f} s  perplexity {curve[-1]['perplexity']:.2f}",
@@ -85,7 +93,11 @@ def main(argv=None) -> dict:
     result = {"args": vars(args), "threads": torch.get_num_threads(), "curve": curve,
               "kl_before": report.kl_before, "kl_after": report.kl_after, "tokens": report.tokens,
               "heal_seconds": report.seconds, "stopped_by": report.stopped_by,
-              "wall_seconds": time.perf_counter() - started, "settings": settings.model_dump()}
+              "wall_seconds": time.perf_counter() - started, "settings": settings.model_dump(),
+              "tasks_before": before_tasks, "tasks_after": final_tasks(student, tokenizer, data_dir, tasks,
+                                                                       args.limit)}
+    for name in before_tasks:
+        print(f"{name}: {before_tasks[name]} -> {result['tasks_after'][name]}", flush=True)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(result, indent=2))
@@ -94,6 +106,19 @@ def main(argv=None) -> dict:
     if args.save:
         save_dense(student, tokenizer, Path(args.save))
     return result
+
+
+def final_tasks(model, tokenizer, data_dir, tasks: list[str], limit: int) -> dict:
+    """Headline figure (and its standard error) of each task, from ``agent_prune.evaluation``."""
+    if not tasks:
+        return {}
+    results = run_tasks(model, tokenizer, tasks, data_dir, limit=limit)
+    keys = {"freebaseqa": ("mc_accuracy", "mc_accuracy_se")}
+    out = {}
+    for task, entry in results.items():
+        value, se = keys.get(task, ("acc", "acc_se"))
+        out[task] = {"value": entry.get(value), "se": entry.get(se)}
+    return out
 
 
 def plot(curve: list[dict], path: str, label: str) -> None:

@@ -2,8 +2,9 @@
 
 Protocol: SmolLM2-135M-Instruct (fp32, CPU); uniform MLP width cut removing ~20% of the prunable
 (decoder linear) parameters, channels ranked by the Wanda-structured score ||X_j|| * sum_i |W_down[i,j]|
-from ``--score-windows`` C4 calibration windows; reconstruction on ``--windows`` C4 windows (seed 0,
-the last ``--heldout`` only measured); WikiText-2 test perplexity, seqlen 512, first 32 windows.
+from ``--score-windows`` C4 windows (seed 0, all but the last 100 documents: the cut of
+``bench/signals.py`` and issue 11's 57.4 baseline); reconstruction on ``--windows`` C4 windows
+(seed 0, the last ``--heldout`` only measured); WikiText-2 test perplexity, seqlen 512, 32 windows.
 
     python bench/recovery.py --model ../shared/models/smollm2-135m-instruct --data-dir ../shared/data \
         --windows 64 --json-out bench/results/recovery.json
@@ -26,13 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent_prune.actions import PruneWidth, apply_actions, dense_manifest
 from agent_prune.data.corpora import c4_documents, calibration_windows
 from agent_prune.data.sources import resolve_data_dir
 from agent_prune.models.accounting import count_parameters
 from agent_prune.models.adapters import adapter_for
-from agent_prune.models.loading import load_model, save_dense
+from agent_prune.models.export import export_model
+from agent_prune.models.loading import load_model
 from agent_prune.recovery.reconstruct import reconstruct
-from bench._shared import PeakRss, cut_mlp_channels, perplexity, wanda_mlp_scores
+from bench._shared import PeakRss, perplexity, wanda_mlp_scores
 
 
 def parse_args(argv=None):
@@ -40,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="../shared/models/smollm2-135m-instruct")
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--sparsity", type=float, default=0.2, help="fraction of prunable parameters to remove")
-    p.add_argument("--score-windows", type=int, default=32)
+    p.add_argument("--score-windows", type=int, default=16)
     p.add_argument("--windows", type=int, default=64, help="C4 windows for reconstruction")
     p.add_argument("--heldout", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=512)
@@ -48,19 +51,31 @@ def parse_args(argv=None):
     p.add_argument("--ridge", type=float, default=1e-3)
     p.add_argument("--scope", choices=("touched", "all"), default="touched")
     p.add_argument("--skip-dense", action="store_true", help="do not re-measure the dense perplexity")
+    p.add_argument("--scores-cache", default=None, help="safetensors file to reuse channel scores from")
     p.add_argument("--save-cut", default=None, help="save the cut model (before reconstruction) here")
     p.add_argument("--save-reconstructed", default=None, help="save the reconstructed model here")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
 
-def mlp_channels_to_keep(adapter, sparsity: float) -> int:
-    """Channels per layer so that a uniform MLP cut removes ``sparsity`` of the prunable parameters."""
+def channels_to_remove(adapter, sparsity: float) -> int:
+    """MLP channels per layer whose removal takes ``sparsity`` of the prunable parameters (uniform cut)."""
     layer = adapter.layers()[0]
     prunable = sum(m.weight.numel() for m in adapter.linear_modules(layer).values())
     per_channel = 3 * adapter.hidden_size  # one row of gate and up, one column of down
-    width = adapter.layer_widths(layer).intermediate_size
-    return width - round(sparsity * prunable / per_channel)
+    return round(sparsity * prunable / per_channel)
+
+
+def channel_scores(adapter, windows, cache: str | None) -> list[torch.Tensor]:
+    from safetensors.torch import load_file, save_file
+
+    if cache and Path(cache).is_file():
+        stored = load_file(cache)
+        return [stored[f"L{i}"] for i in range(len(stored))]
+    scores = wanda_mlp_scores(adapter, windows)
+    if cache:
+        save_file({f"L{i}": s.contiguous() for i, s in enumerate(scores)}, cache)
+    return scores
 
 
 def main(argv=None) -> dict:
@@ -68,27 +83,30 @@ def main(argv=None) -> dict:
     data_dir = resolve_data_dir(args.data_dir)
     loaded = load_model(args.model)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    calib = calibration_windows(tokenizer, c4_documents(data_dir), max(args.windows, args.score_windows),
-                                args.seqlen, seed=0)
+    documents = c4_documents(data_dir)
+    calib = calibration_windows(tokenizer, documents, args.windows, args.seqlen, seed=0)
+    score_windows = calibration_windows(tokenizer, documents[:-100], args.score_windows, args.seqlen, seed=0)
     result = {"protocol": {"model": loaded.source.display, "perplexity": "WikiText-2 test, seqlen "
                            f"{args.seqlen}, first {args.ppl_windows} windows", "calibration": "C4, seed 0",
                            "threads": torch.get_num_threads()}, "args": vars(args)}
     if not args.skip_dense:
         result["dense_ppl"] = perplexity(dense, tokenizer, data_dir, args.seqlen, args.ppl_windows)
     started = time.perf_counter()
-    scores = wanda_mlp_scores(loaded.adapter, calib[: args.score_windows])
+    scores = channel_scores(loaded.adapter, score_windows, args.scores_cache)
     pruned = copy.deepcopy(dense)
-    keep = mlp_channels_to_keep(adapter_for(pruned), args.sparsity)
-    cut_mlp_channels(adapter_for(pruned), scores, keep)
-    result["cut"] = {"mlp_channels_kept": keep, "score_seconds": time.perf_counter() - started,
+    remove = channels_to_remove(adapter_for(pruned), args.sparsity)
+    actions = [PruneWidth(layer=i, mlp_channels=remove) for i in range(adapter_for(pruned).num_layers)]
+    manifest = apply_actions(pruned, actions, dense_manifest(dense),
+                             scores={i: {"mlp_channels": s.tolist()} for i, s in enumerate(scores)})
+    result["cut"] = {"mlp_channels_removed": remove, "score_seconds": time.perf_counter() - started,
                      "structural_sparsity": count_parameters(pruned, count_parameters(dense).prunable)
                      .structural_sparsity}
     result["cut_ppl"] = perplexity(pruned, tokenizer, data_dir, args.seqlen, args.ppl_windows)
+    print(f"cut: {result['cut']}  perplexity {result['cut_ppl']:.2f}", flush=True)
     if args.save_cut:
-        save_dense(pruned, tokenizer, Path(args.save_cut))
+        export_model(pruned, tokenizer, args.save_cut, manifest)
     with PeakRss() as rss:
-        sources = list(range(adapter_for(pruned).num_layers))
-        report = reconstruct(pruned, dense, sources, calib[: args.windows], ridge=args.ridge,
+        report = reconstruct(pruned, dense, manifest, calib[: args.windows], ridge=args.ridge,
                              heldout=args.heldout, scope=args.scope)
     result["reconstruction"] = {
         "seconds": report.seconds, "peak_rss_delta_mib": (rss.peak - rss.start) / 2**20,
@@ -98,8 +116,10 @@ def main(argv=None) -> dict:
         "layers": [layer.model_dump() for layer in report.layers],
     }
     result["reconstructed_ppl"] = perplexity(pruned, tokenizer, data_dir, args.seqlen, args.ppl_windows)
+    print(f"reconstructed in {report.seconds:.0f} s: perplexity {result['reconstructed_ppl']:.2f}",
+          flush=True)
     if args.save_reconstructed:
-        save_dense(pruned, tokenizer, Path(args.save_reconstructed))
+        export_model(pruned, tokenizer, args.save_reconstructed, manifest)
     print_table(result)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -210,10 +210,7 @@ class RunContext:
             return None
         from agent_prune.recovery import reconstruct
 
-        sources = [record.source for record in manifest.layers]
-        report = reconstruct(model, self.base.model, sources, self.calibration)
-        for key in report.overrides:
-            manifest.mark_overridden(None, key)
+        report = reconstruct(model, self.base.model, manifest, self.calibration)  # marks overrides
         return {"method": "reconstruct", "mode": report.mode, "seconds": round(report.seconds, 2),
                 "modules": len(report.overrides)}
 
@@ -229,9 +226,7 @@ class RunContext:
                                             seqlen=self.options.seqlen)
         self.reporter.finishing(f"healing ({tokens} tokens at most)")
         report = heal(model, self.base.model, windows, settings, eval_windows=heldout,
-                      sources=[record.source for record in manifest.layers])
-        for key in report.overrides:
-            manifest.mark_overridden(None, key)
+                      manifest=manifest)  # marks the healed modules overridden
         return {"method": "distill", "tokens": report.tokens, "seconds": round(report.seconds, 1),
                 "kl_before": report.kl_before, "kl_after": report.kl_after}
 

@@ -27,10 +27,11 @@ from agent_prune.commands.common import (
 from agent_prune.data.corpora import split_windows, tokenize_text, wikitext2_text
 from agent_prune.data.sources import resolve_data_dir
 from agent_prune.errors import InputError
+from agent_prune.evaluation.perplexity import perplexity
+from agent_prune.models.export import export_model, read_manifest
 from agent_prune.models.loading import load_model, save_dense
 from agent_prune.recovery.calibration import recovery_windows
 from agent_prune.recovery.heal import ALL_PROJECTIONS, HealProgress, HealSettings, heal
-from agent_prune.recovery.streaming import batches
 
 
 def add_parser(subparsers) -> None:
@@ -73,10 +74,11 @@ def run(args) -> int:
                                       seed=args.seed)
     ppl_ids = _ppl_windows(student.tokenizer, data_dir, args.seqlen, args.ppl_windows)
     ppl_before, teacher_ppl = _perplexity(student.model, ppl_ids), _perplexity(teacher.model, ppl_ids)
-    report = _heal_with_progress(student.model, teacher.model, train, heldout, settings, args.quiet)
+    manifest = read_manifest(student.source.path) if student.source.kind == "export" else None
+    report = _heal_with_progress(student.model, teacher.model, train, heldout, settings, manifest, args.quiet)
     before = {"perplexity": ppl_before, "kl": report.kl_before}
     after = {"perplexity": _perplexity(student.model, ppl_ids), "kl": report.kl_after}
-    _save(student, out, report)
+    _save(student, manifest, out, report)
     result = {"out": str(out), "before": before, "after": after, "teacher_perplexity": teacher_ppl,
               "tokens": report.tokens, "seconds": round(report.seconds, 1), "stopped_by": report.stopped_by,
               "settings": settings.model_dump(),
@@ -108,20 +110,11 @@ def _ppl_windows(tokenizer, data_dir, seqlen: int, count: int) -> torch.Tensor |
     return split_windows(tokenize_text(tokenizer, wikitext2_text(data_dir, "test")), seqlen, count)
 
 
-@torch.no_grad()
-def _perplexity(model: nn.Module, ids: torch.Tensor | None, batch_size: int = 4) -> float | None:
-    """Mean token NLL per window, exp of the mean (Wanda/SparseGPT protocol)."""
-    if ids is None:
-        return None
-    nll = []
-    for part in batches(ids.shape[0], batch_size):
-        logits = model(input_ids=ids[part], use_cache=False).logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(logits.transpose(1, 2), ids[part][:, 1:], reduction="none")
-        nll += loss.mean(dim=1).tolist()
-    return float(torch.tensor(nll).mean().exp())
+def _perplexity(model: nn.Module, ids: torch.Tensor | None) -> float | None:
+    return None if ids is None else perplexity(model, ids)[0].value
 
 
-def _heal_with_progress(student, teacher, train, heldout, settings: HealSettings, quiet: bool):
+def _heal_with_progress(student, teacher, train, heldout, settings: HealSettings, manifest, quiet: bool):
     columns = (TextColumn("healing"), BarColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=stderr_console, disable=quiet) as bar:
@@ -130,17 +123,26 @@ def _heal_with_progress(student, teacher, train, heldout, settings: HealSettings
         def update(p: HealProgress) -> None:
             bar.update(task, completed=p.fraction, status=f"{p.tokens:,} tok  KL {p.kl:.3f}")
 
-        return heal(student, teacher, train, settings, eval_windows=heldout, progress=update)
+        return heal(student, teacher, train, settings, eval_windows=heldout, manifest=manifest,
+                    progress=update)
 
 
-def _save(loaded, out: Path, report) -> None:
-    """Write the healed model (and the report) to a temporary folder, then move it into place."""
+def _save(loaded, manifest, out: Path, report) -> None:
+    """Write the healed model and the report to a temporary folder, then move it into place.
+
+    An agent-prune export stays one (its manifest, now marking the healed modules overridden, and
+    per-layer widths); any other model is saved as a plain Hugging Face folder.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".heal-", dir=out.parent))
     try:
-        save_dense(loaded.model, loaded.tokenizer, tmp)
-        (tmp / "heal_report.json").write_text(json.dumps(report.model_dump(), indent=2))
-        os.replace(tmp, out)
+        staged = tmp / "model"
+        if manifest is not None:
+            export_model(loaded.model, loaded.tokenizer, staged, manifest)
+        else:
+            save_dense(loaded.model, loaded.tokenizer, staged)
+        (staged / "heal_report.json").write_text(json.dumps(report.model_dump(), indent=2))
+        os.replace(staged, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

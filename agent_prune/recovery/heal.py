@@ -24,13 +24,14 @@ from torch import nn
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import MLP_PROJECTIONS, adapter_for
 from agent_prune.recovery.distill import TopK, kl_full, kl_top_k, top_k
+from agent_prune.recovery.layout import Layout, layer_sources, mark_overridden
 from agent_prune.recovery.streaming import batches
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLP_PROJECTIONS)
 
 
 class HealSettings(BaseModel):
-    """How to heal; defaults are the best per CPU-minute measured on the shared model (docs/benchmarks.md)."""
+    """How to heal. The defaults are the setting of docs/benchmarks.md (Recovery), not a swept optimum."""
 
     max_tokens: int = Field(gt=0)
     max_seconds: float | None = Field(default=None, gt=0)
@@ -41,6 +42,7 @@ class HealSettings(BaseModel):
     batch_size: int = Field(default=4, gt=0)
     warmup: float = Field(default=0.03, ge=0, lt=1)
     teacher_top_k: int | None = Field(default=None, gt=0)  # distil toward top-k + tail instead of full
+    bf16: bool = False  # bfloat16 autocast for the forward and backward passes (weights stay fp32)
     seed: int = 0
 
     @property
@@ -98,13 +100,14 @@ def heal(
     settings: HealSettings,
     *,
     eval_windows: torch.Tensor | None = None,
-    sources: Sequence[int] | None = None,
+    manifest: Layout | None = None,
     progress: Callable[[HealProgress], None] | None = None,
 ) -> HealReport:
     """Heal ``student`` in place toward ``teacher`` on ``windows`` (calibration token ids).
 
-    ``eval_windows`` (held-out calibration windows) give the KL before and after; ``sources[i]`` is
-    the dense index of student layer ``i`` (for the override keys; default: the student's own index).
+    ``eval_windows`` (held-out calibration windows) give the KL before and after. ``manifest`` (the
+    pruning manifest, or the dense index of each student layer) names the changed modules by original
+    layer; a manifest also gets them marked overridden so checkpoints keep their values.
     """
     _check(student, windows, settings)
     kl_before = mean_kl(student, teacher, eval_windows) if eval_windows is not None else None
@@ -120,7 +123,8 @@ def heal(
     kl_after = mean_kl(student, teacher, eval_windows) if eval_windows is not None else None
     return HealReport(
         kl_before=kl_before, kl_after=kl_after, tokens=tokens, steps=steps, seconds=seconds,
-        stopped_by=stopped_by, settings=settings, overrides=trainable.override_keys(sources), curve=curve,
+        stopped_by=stopped_by, settings=settings, overrides=_record_overrides(student, settings, manifest),
+        curve=curve,
     )
 
 
@@ -162,12 +166,13 @@ def _train(student, teacher, windows, settings, optimizer, progress):
 
 
 def _step(student, teacher, ids, settings, optimizer) -> float:
-    with torch.no_grad():
+    device = ids.device.type
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=settings.bf16):
         teacher_logits = teacher(input_ids=ids, use_cache=False).logits
-        target: torch.Tensor | TopK = (top_k(teacher_logits, settings.teacher_top_k)
-                                       if settings.teacher_top_k else teacher_logits)
-    del teacher_logits
-    logits = student(input_ids=ids, use_cache=False).logits
+    target: torch.Tensor | TopK = (top_k(teacher_logits, settings.teacher_top_k)
+                                   if settings.teacher_top_k else teacher_logits)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=settings.bf16):
+        logits = student(input_ids=ids, use_cache=False).logits
     loss = kl_top_k(logits, target) if isinstance(target, TopK) else kl_full(logits, target)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
@@ -195,7 +200,7 @@ class _LoraWeights:
     def __init__(self, student: nn.Module, settings: HealSettings):
         from peft import LoraConfig, inject_adapter_in_model
 
-        self.student, self.modules = student, settings.modules
+        self.student = student
         for param in student.parameters():
             param.requires_grad_(False)
         config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
@@ -214,15 +219,12 @@ class _LoraWeights:
         for param in self.student.parameters():
             param.requires_grad_(False)
 
-    def override_keys(self, sources) -> list[str]:
-        return _override_keys(self.student, self.modules, sources)
-
 
 class _FullWeights:
     """Full fine-tuning of the chosen projections' weights in every layer."""
 
     def __init__(self, student: nn.Module, settings: HealSettings):
-        self.student, self.modules = student, settings.modules
+        self.student = student
         for param in student.parameters():
             param.requires_grad_(False)
         self.params = [linear.weight for _key, linear in _chosen_linears(student, settings.modules)]
@@ -236,9 +238,6 @@ class _FullWeights:
         for param in self.params:
             param.requires_grad_(False)
 
-    def override_keys(self, sources) -> list[str]:
-        return _override_keys(self.student, self.modules, sources)
-
 
 def _chosen_linears(model: nn.Module, modules: Sequence[str]):
     adapter = adapter_for(model)
@@ -248,10 +247,12 @@ def _chosen_linears(model: nn.Module, modules: Sequence[str]):
                 yield (index, name), linear
 
 
-def _override_keys(model, modules, sources) -> list[str]:
+def _record_overrides(model, settings: HealSettings, manifest: Layout | None) -> list[str]:
+    sources = layer_sources(manifest) if manifest is not None else None
     keys = []
-    for (index, name), _linear in _chosen_linears(model, modules):
+    for (index, name), _linear in _chosen_linears(model, settings.modules):
         keys.append(f"L{sources[index] if sources is not None else index}.{name}")
+        mark_overridden(manifest, index, name)
     return keys
 
 

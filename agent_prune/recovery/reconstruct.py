@@ -25,7 +25,7 @@ Two target modes:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.recovery.layout import Layout, layer_sources, mark_overridden
 from agent_prune.recovery.ridge import LeastSquaresCollector
 from agent_prune.recovery.streaming import batches, embed, layer_kwargs, run_layer, tap
 
@@ -85,24 +86,29 @@ def override_key(source: int, module: str) -> str:
 def reconstruct(
     pruned: nn.Module,
     dense: nn.Module,
-    sources: Sequence[int],
+    manifest: Layout,
     windows: torch.Tensor,
     *,
-    ridge: float = 1e-3,
+    ridge: float = 1e-2,
     heldout: int = 0,
     scope: str = "touched",
+    target: str = "auto",
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReconstructionReport:
     """Refit ``pruned`` in place so its blocks reproduce ``dense``'s; returns per-layer errors.
 
-    ``sources[i]`` is the dense index of pruned layer ``i``. The last ``heldout`` windows are not
+    ``manifest`` is the pruning manifest (refit modules are marked overridden in it, so checkpoints
+    keep their values) or just the dense index of each pruned layer. The last ``heldout`` windows are not
     fitted on, only measured. ``scope``: ``touched`` refits layers whose width changed or that
-    precede a gap; ``all`` refits every layer (also correcting upstream error).
+    precede a gap; ``all`` refits every layer (also correcting upstream error). ``target``: ``auto``
+    (residual where the family allows it), ``residual`` or ``output`` (see the module docstring).
     """
     started = time.perf_counter()
+    sources = layer_sources(manifest)
     p_adapter, d_adapter = adapter_for(pruned), adapter_for(dense)
     _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope)
+    mode = _mode(p_adapter, target)
     n_fit = windows.shape[0] - heldout
     p_kwargs, d_kwargs = layer_kwargs(p_adapter, windows[0]), layer_kwargs(d_adapter, windows[0])
     with torch.no_grad():
@@ -114,16 +120,18 @@ def reconstruct(
         next_source = sources[index + 1] if index + 1 < len(sources) else d_adapter.num_layers
         with torch.no_grad():
             _advance_dense(d_adapter, streams, source, d_kwargs, batch_size)
-        modules = _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope)
+        modules = _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope, mode)
         record = _refit_layer(p_adapter, d_adapter, streams, index, source, next_source, modules,
-                              p_kwargs[index], d_kwargs, n_fit, ridge, batch_size)
+                              p_kwargs[index], d_kwargs, n_fit, ridge, batch_size, mode == "residual")
         records.append(record)
         overrides += [override_key(source, m) for m in modules]
+        for module in modules:
+            mark_overridden(manifest, index, module)
         if progress is not None:
             progress(index + 1, len(sources))
     return ReconstructionReport(
         layers=records, overrides=overrides, fit_tokens=n_fit * windows.shape[1],
-        heldout_tokens=heldout * windows.shape[1], ridge=ridge, mode=_mode(p_adapter),
+        heldout_tokens=heldout * windows.shape[1], ridge=ridge, mode=mode,
         seconds=time.perf_counter() - started,
     )
 
@@ -142,18 +150,24 @@ def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope) -> Non
         raise InputError(f"unknown reconstruction scope '{scope}'", "use touched or all")
 
 
-def _mode(adapter: FamilyAdapter) -> str:
-    return "residual" if adapter.projections_feed_residual(adapter.layers()[0]) else "output"
+def _mode(adapter: FamilyAdapter, target: str) -> str:
+    feeds_residual = adapter.projections_feed_residual(adapter.layers()[0])
+    if target == "residual" and not feeds_residual:
+        raise InputError(f"{adapter.config.model_type} normalises block outputs, so residual targets do "
+                         "not apply", "use target='output' or 'auto'")
+    if target not in ("auto", "residual", "output"):
+        raise InputError(f"unknown reconstruction target '{target}'", "use auto, residual or output")
+    return "residual" if target == "residual" or (target == "auto" and feeds_residual) else "output"
 
 
-def _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope) -> list[str]:
+def _modules_to_refit(p_adapter, d_adapter, index, source, next_source, scope, mode) -> list[str]:
     if scope == "all":
         return [ATTN_OUT, MLP_OUT]
     pruned_widths = p_adapter.layer_widths(p_adapter.layers()[index])
     dense_widths = d_adapter.layer_widths(d_adapter.layers()[source])
     gap_follows = next_source > source + 1
     modules = []
-    if pruned_widths.num_heads < dense_widths.num_heads or (gap_follows and _mode(p_adapter) == "residual"):
+    if pruned_widths.num_heads < dense_widths.num_heads or (gap_follows and mode == "residual"):
         modules.append(ATTN_OUT)
     if pruned_widths.intermediate_size < dense_widths.intermediate_size or modules:
         modules.append(MLP_OUT)
@@ -219,8 +233,7 @@ def _dense_references(d_adapter, streams, source, next_source, d_kwargs, batch_s
 
 @torch.no_grad()
 def _refit_layer(p_adapter, d_adapter, streams, index, source, next_source, modules, kwargs, d_kwargs,
-                 n_fit, ridge, batch_size) -> LayerRefit:
-    residual = _mode(p_adapter) == "residual"
+                 n_fit, ridge, batch_size, residual: bool) -> LayerRefit:
     attn_ref, mlp_ref = _dense_references(d_adapter, streams, source, next_source, d_kwargs,
                                           batch_size, residual)
     layer = p_adapter.layers()[index]

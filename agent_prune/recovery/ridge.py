@@ -3,12 +3,13 @@
 A linear map ``y = W x`` whose input lost features (channels or heads cut upstream) is refitted so
 that, on calibration tokens, it reproduces a target ``t`` as well as a linear map can::
 
-    W* = argmin_W  sum_n ||W x_n - t_n||^2 + lam ||W||^2  =  (T^T X)(X^T X + lam I)^{-1}
+    W* = argmin_W  sum_n ||W x_n - t_n||^2 + ||W D^(1/2)||^2  =  (T^T X)(X^T X + D)^{-1},
+    D = ridge * diag(X^T X)
 
 Only ``X^T X`` (d_in x d_in) and ``X^T T`` (d_in x d_out) are kept, accumulated batch by batch in
 float64 (per-batch products in float32), so the calibration set never has to sit in memory (the
 SparseGPT/OBC layer-wise trick, Frantar & Alistarh, arXiv 2301.00774; ZipLM applies the same update
-after structured cuts, Kurtic et al., arXiv 2302.04089). ``lam`` is relative: ``ridge * mean(diag(X^T X))``.
+after structured cuts, Kurtic et al., arXiv 2302.04089). Damping is per feature (:func:`solve_ridge`).
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ class LeastSquaresCollector:
 
 
 def solve_ridge(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(xtx + lam I)^{-1} xty`` transposed to a Linear weight; ``lam = ridge * mean(diag(xtx))``.
+    """``(xtx + ridge * diag(xtx))^{-1} xty`` transposed to a Linear weight.
 
-    Features that never fired (zero diagonal) would make the system singular without damping, so a
-    tiny absolute floor is added as well; their weights come out zero.
+    The damping is per feature (Levenberg-Marquardt style), i.e. the ridge of standardised features:
+    LLM activations have a few channels orders of magnitude larger than the rest, and a damping
+    proportional to the mean diagonal would be set by those and flatten every other weight. A tiny
+    absolute floor keeps features that never fired (zero diagonal) solvable; their weights come out 0.
     """
     diag = torch.diagonal(xtx)
-    lam = ridge * float(diag.mean()) + 1e-10
-    damped = xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    damping = ridge * diag + 1e-8 * float(diag.mean()) + 1e-12
+    damped = xtx + torch.diag(damping)
     chol, info = torch.linalg.cholesky_ex(damped)
     # Numerically indefinite despite damping (info > 0): fall back to a least-squares solve.
     solution = torch.cholesky_solve(xty, chol) if int(info) == 0 else torch.linalg.lstsq(damped, xty).solution
