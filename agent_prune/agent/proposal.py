@@ -118,3 +118,15 @@ def validate_proposal(proposal: Proposal, context: PlannerContext) -> list[str]:
         if len(set(proposal.width.layers)) != len(proposal.width.layers):
             problems.append("width.layers repeats a layer")
     return problems
+
+
+def validate_reflection(reflection: Reflection, context: PlannerContext) -> list[str]:
+    """Problems that make ``reflection`` unusable in ``context`` (empty list = valid)."""
+    problems: list[str] = []
+    if not reflection.lesson.strip():
+        problems.append("lesson is empty")
+    n = context.num_layers
+    bad = [i for i in reflection.avoid_layers if not 0 <= i < n]
+    if bad:
+        problems.append(f"avoid_layers {bad} do not exist (valid: 0..{n - 1})")
+    return problems
