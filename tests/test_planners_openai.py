@@ -142,20 +142,42 @@ def test_empty_reply_is_repaired(server, context):
     assert result.status == "repaired" and "empty" in result.attempts[0].error
 
 
-def test_server_without_json_schema_gets_plain_requests(server, context):
-    def strict(request):
+def test_server_without_structured_output_gets_plain_requests(server, context):
+    def plain_only(request):
         if "response_format" in request:
-            return error(400, "response_format json_schema is not supported")
+            return error(400, "response_format is not supported")
         return completion("Sure! Here is my plan:\n```json\n" + json.dumps(GOOD) + "\n```")
 
-    server.add(strict, strict, strict)
+    server.add(*[plain_only] * 4)
     notes = []
     planner = planner_for(server, notes)
     first, second = planner.propose(context), planner.propose(context)
     assert first.status == second.status == "valid"
     assert first.attempts[0].mode == "json_text"
-    assert [("response_format" in r) for r in server.requests] == [True, False, False]
-    assert any("rejected response_format" in n for n in notes)
+    formats = [r.get("response_format", {}).get("type") for r in server.requests]
+    assert formats == ["json_schema", "json_object", None, None]
+    assert any("rejected response_format json_schema" in n for n in notes)
+
+
+def test_llama_cpp_python_style_rejection_moves_to_json_object(server, context):
+    def json_object_only(request):
+        if request.get("response_format", {}).get("type") == "json_schema":
+            return error(500, "1 validation error: ('body', 'response_format', 'type') "
+                              "Input should be 'text' or 'json_object'")
+        assert request["response_format"]["schema"]["properties"]["depth"]
+        return reply(GOOD)
+
+    server.add(json_object_only, json_object_only)
+    result = planner_for(server, []).propose(context)
+    assert result.status == "valid" and result.attempts[0].mode == "json_object"
+    assert len(server.requests) == 2
+
+
+def test_fixed_json_schema_mode_does_not_degrade(server, context):
+    server.add(error(400, "response_format json_schema is not supported"))
+    result = planner_for(server, [], structured="json_schema").propose(context)
+    assert result.status == "fallback" and len(server.requests) == 1
+    assert "rejected the request (HTTP 400" in result.fallback_reason
 
 
 def test_server_ignoring_the_schema_is_read_tolerantly(server, context):

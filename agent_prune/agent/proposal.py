@@ -107,6 +107,9 @@ def validate_proposal(proposal: Proposal, context: PlannerContext) -> list[str]:
             problems.append("depth.layers repeats a layer")
         if set(layers) & protected:
             problems.append(f"depth.layers {sorted(set(layers) & protected)} are protected")
+        if set(layers) & set(context.rejected_layers):
+            problems.append(f"depth.layers {sorted(set(layers) & set(context.rejected_layers))} were "
+                            "just rolled back; choose other layers")
         if len(set(layers)) >= n:
             problems.append("depth.layers would remove every layer")
     if proposal.width is not None:

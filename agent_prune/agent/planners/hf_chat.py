@@ -4,9 +4,10 @@ Two decoding modes, both greedy by default (seeded sampling when ``temperature >
 replays exactly:
 - ``constrained``: JSON-schema-constrained decoding with outlines (optional extra
   ``agent-prune[constrained]``). The schema is built per context: layer indices are an enum of
-  the layers that exist (protected ones excluded for depth), lists and the rationale are bounded.
-- ``skeleton``: the JSON skeleton is written by us and the model only fills in the values (the
-  rationale, the layer lists, the MLP share), each slot generated until its closing character.
+  the layers that exist (removable ones for depth), lists and the rationale are bounded.
+- ``skeleton``: no extra dependency. We write the JSON skeleton and the model fills in only the
+  values (rationale, layer lists, MLP share), each slot decoded token by token under the slot's
+  own acceptance rule (``slots.py``), reusing one KV cache for the whole reply.
 ``auto`` picks ``constrained`` when outlines imports, else ``skeleton``. Either way the reply is
 validated like any other LLM reply. Only this module of the planners imports torch (lazily, via
 the model loader), per DESIGN.md.
@@ -15,24 +16,17 @@ the model loader), per DESIGN.md.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 from pydantic import BaseModel
 
 from agent_prune.agent.planners.llm import ChatReply, Notify, logger
 from agent_prune.agent.planners.prompting import budget_layers
 from agent_prune.agent.planners.replies import ProposalReply, split_reasoning
+from agent_prune.agent.planners.slots import TEXT_CHARS, Slot, skeleton
 from agent_prune.agent.proposal import PlannerContext
 from agent_prune.errors import InputError
 
-RATIONALE_CHARS = 200
-SLOT_TOKENS = {"text": 64, "ints": 40, "number": 6}
-_CLOSERS = {"text": '"', "ints": "]", "number": ",}"}
-
-
-@dataclass(frozen=True)
-class Slot:
-    kind: str  # "text" | "ints" | "number"
+CANDIDATES = 64  # tokens tried per step, most likely first, until one keeps the slot valid
 
 
 def constrained_schema(reply_model: type[BaseModel], context: PlannerContext) -> dict:
@@ -40,7 +34,7 @@ def constrained_schema(reply_model: type[BaseModel], context: PlannerContext) ->
     n = context.num_layers
     any_layer = {"type": "integer", "enum": list(range(n))}
     if reply_model is not ProposalReply:
-        return _object({"lesson": {"type": "string", "maxLength": RATIONALE_CHARS},
+        return _object({"lesson": {"type": "string", "maxLength": TEXT_CHARS},
                         "avoid_layers": {"type": "array", "items": any_layer, "maxItems": 4}})
     avoid = set(context.rejected_layers)
     removable = [r.index for r in context.layers if not r.protected and r.index not in avoid]
@@ -49,23 +43,9 @@ def constrained_schema(reply_model: type[BaseModel], context: PlannerContext) ->
     depth = _object({"layers": {"type": "array", "items": depth_items, "minItems": 1, "maxItems": k}})
     width = _object({"layers": {"type": "array", "items": any_layer, "maxItems": n},
                      "mlp_share": {"type": "number", "minimum": 0, "maximum": 1}})
-    return _object({"rationale": {"type": "string", "maxLength": RATIONALE_CHARS},
+    return _object({"rationale": {"type": "string", "maxLength": TEXT_CHARS},
                     "depth": depth if "depth" in context.branches else {"type": "null"},
                     "width": width if "width" in context.branches else {"type": "null"}})
-
-
-def skeleton(reply_model: type[BaseModel], context: PlannerContext) -> list[str | Slot]:
-    """The reply with its values left as slots for the model to fill."""
-    if reply_model is not ProposalReply:
-        return ['{"lesson": "', Slot("text"), '", "avoid_layers": [', Slot("ints"), "]}"]
-    parts: list[str | Slot] = ['{"rationale": "', Slot("text"), '", "depth": ']
-    parts += ['{"layers": [', Slot("ints"), "]}"] if "depth" in context.branches else ["null"]
-    parts += [', "width": ']
-    if "width" in context.branches:
-        parts += ['{"layers": [', Slot("ints"), '], "mlp_share": ', Slot("number"), "}"]
-    else:
-        parts += ["null"]
-    return [*parts, "}"]
 
 
 def _object(properties: dict) -> dict:
@@ -133,46 +113,63 @@ class HFChat:
         return generator(prompt, max_new_tokens=self.max_tokens, **self._generation_kwargs())
 
     def _fill(self, prompt: str, parts: list[str | Slot]) -> str:
-        text = ""
+        """Write the skeleton, letting the model fill each slot; one KV cache for the whole reply."""
+        import torch
+        from transformers import DynamicCache
+
+        tokenizer, model = self._loaded.tokenizer, self._loaded.model
+        cache, text, pending = DynamicCache(), "", prompt
+        generator = torch.Generator().manual_seed(self.seed)
         for part in parts:
-            text += part if isinstance(part, str) else self._slot(prompt + text, part)
+            if isinstance(part, str):
+                text, pending = text + part, pending + part
+                continue
+            ids = tokenizer(pending, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                value, fed = self._generate(cache, ids.to(model.device), part, generator)
+            cache.crop(-fed)  # forget the raw slot tokens; the cleaned value is fed with what follows
+            text, pending = text + value, value
         return text
 
-    def _slot(self, prefix: str, slot: Slot) -> str:
-        """Generate one value until its closing character; return it cleaned for its place."""
+    def _generate(self, cache, ids, slot: Slot, generator) -> tuple[str, int]:
+        """Fill one slot: at each step the most likely token (or a seeded sample) that keeps the
+        slot's text acceptable; stop at the slot's closing character. Returns (value, tokens fed)."""
         import torch
 
         tokenizer, model = self._loaded.tokenizer, self._loaded.model
-        inputs = tokenizer(prefix, return_tensors="pt", add_special_tokens=False).to(model.device)
-        start = inputs["input_ids"].shape[1]
-        stop = _CloserStop(tokenizer, start, _CLOSERS[slot.kind])
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=SLOT_TOKENS[slot.kind], stopping_criteria=[stop],
-                                 pad_token_id=tokenizer.pad_token_id, **self._generation_kwargs())
-        value = tokenizer.decode(out[0, start:], skip_special_tokens=True)
-        return _clean(value, slot.kind)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        tokens, text, fed = [], "", 0
+        for _ in range(slot.max_tokens):
+            choice = None
+            for token in self._candidates(logits, generator):
+                candidate = tokenizer.decode([*tokens, token])
+                if token not in self._special and candidate != text and slot.accepts(candidate):
+                    choice = token
+                    break
+            if choice is None:
+                break
+            tokens.append(choice)
+            text = tokenizer.decode(tokens)
+            if slot.finished(text):
+                break
+            logits = model(input_ids=torch.tensor([[choice]], device=ids.device),
+                           past_key_values=cache, use_cache=True).logits[0, -1]
+            fed += 1
+        return slot.value(text), fed
 
-
-def _clean(value: str, kind: str) -> str:
-    cut = min((i for i in (value.find(c) for c in _CLOSERS[kind]) if i >= 0), default=len(value))
-    value = value[:cut]
-    if kind == "text":
-        return json.dumps(" ".join(value.split())[:RATIONALE_CHARS])[1:-1]
-    return value.strip().rstrip(",").strip()
-
-
-class _CloserStop:
-    """Stop generating once the new text contains one of the slot's closing characters."""
-
-    def __init__(self, tokenizer, start: int, closers: str):
-        self.tokenizer, self.start, self.closers = tokenizer, start, closers
-
-    def __call__(self, input_ids, scores, **kwargs):
+    def _candidates(self, logits, generator) -> list[int]:
         import torch
 
-        text = self.tokenizer.decode(input_ids[0, self.start:], skip_special_tokens=True)
-        done = any(c in text for c in self.closers) or "\n\n" in text
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        top = torch.topk(logits.float(), CANDIDATES)
+        if self.temperature <= 0:
+            return top.indices.tolist()
+        probs = torch.softmax(top.values / self.temperature, dim=-1).cpu()
+        order = torch.multinomial(probs, CANDIDATES, replacement=False, generator=generator)
+        return top.indices.cpu()[order].tolist()
+
+    @property
+    def _special(self) -> set[int]:
+        return set(self._loaded.tokenizer.all_special_ids)
 
 
 def _pick_decoding(decoding: str) -> str:

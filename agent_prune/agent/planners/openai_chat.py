@@ -31,6 +31,9 @@ HOSTED_KEY_ENV = "OPENAI_API_KEY"
 # A custom server never gets OPENAI_API_KEY unless asked (it would hand a hosted key to a third party).
 SERVER_KEY_ENV = "AGENT_PRUNE_PLANNER_API_KEY"
 _SAMPLING_PARAMS = ("temperature", "seed", "max_tokens", "max_completion_tokens")
+# Ways to ask for JSON, strictest first: OpenAI json_schema (OpenAI, Ollama, vLLM, llama.cpp's C++
+# server, LM Studio), json_object with a schema (llama-cpp-python turns it into a grammar), plain text.
+MODES = ("json_schema", "json_object", "json_text")
 
 
 class _Transient(Exception):
@@ -49,8 +52,9 @@ class OpenAIChat:
                  backoff_s: float = 1.0, max_backoff_s: float = 30.0, temperature: float | None = 0.0,
                  max_tokens: int = 1024, seed: int | None = None, structured: str = "auto",
                  notify: Notify | None = None):
-        if structured not in ("auto", "json_schema", "off"):
-            raise InputError(f"unknown structured-output mode '{structured}'", "use auto, json_schema or off")
+        if structured not in ("auto", *MODES):
+            raise InputError(f"unknown structured-output mode '{structured}'",
+                             f"use auto, {', '.join(MODES)}")
         self.model = model
         self.hosted = base_url is None
         self.base_url = OPENAI_URL if self.hosted else normalise_base_url(base_url)
@@ -63,7 +67,7 @@ class OpenAIChat:
         self.timeout_s, self.max_retries = timeout_s, max_retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.structured = structured
-        self._use_schema = structured != "off"
+        self._mode = MODES[0] if structured == "auto" else structured
         self.sampling = {"temperature": temperature, "seed": seed,
                          ("max_completion_tokens" if self.hosted else "max_tokens"): max_tokens}
         self.notify = notify or logger.warning
@@ -89,14 +93,14 @@ class OpenAIChat:
             try:
                 reply = self._request(messages, reply_model)
             except _Fatal as exc:
-                return ChatReply(failure=self.scrub(str(exc)), mode=self._mode(), failed_tries=failed)
+                return ChatReply(failure=self.scrub(str(exc)), mode=self._mode, failed_tries=failed)
             except _Transient as exc:
                 message = self.scrub(str(exc))
                 if try_ == self.max_retries:
                     tries = f"; gave up after {try_ + 1} tries" if try_ else ""
-                    return ChatReply(failure=message + tries, mode=self._mode(), failed_tries=failed)
+                    return ChatReply(failure=message + tries, mode=self._mode, failed_tries=failed)
                 delay = self._delay(try_, exc.retry_after)
-                failed.append(Attempt(prompt=messages, error=message, mode=self._mode(),
+                failed.append(Attempt(prompt=messages, error=message, mode=self._mode,
                                       duration_s=round(time.monotonic() - start, 3)))
                 self.notify(f"planner openai:{self.model}: {message}; retrying in {delay:.1f} s "
                             f"({try_ + 1}/{self.max_retries})")
@@ -106,9 +110,6 @@ class OpenAIChat:
             return reply
         raise AssertionError("unreachable")
 
-    def _mode(self) -> str:
-        return "json_schema" if self._use_schema else "json_text"
-
     def _delay(self, try_: int, retry_after: float | None) -> float:
         delay = retry_after if retry_after is not None else self.backoff_s * 2 ** try_
         return min(max(delay, 0.0), self.max_backoff_s)
@@ -116,27 +117,35 @@ class OpenAIChat:
     def _request(self, messages: list[dict], reply_model: type[BaseModel]) -> ChatReply:
         while True:
             kwargs = {k: v for k, v in self.sampling.items() if v is not None}
+            kwargs.update(model=self.model, messages=messages)
+            completions = self.client.chat.completions.with_raw_response
             try:
-                if self._use_schema:
-                    raw = self.client.chat.completions.with_raw_response.parse(
-                        model=self.model, messages=messages, response_format=reply_model, **kwargs)
-                    return self._read(raw, structured=True)
-                raw = self.client.chat.completions.with_raw_response.create(
-                    model=self.model, messages=messages, **kwargs)
-                return self._read(raw, structured=False)
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                if self._mode == "json_schema":
+                    return self._read(completions.parse(response_format=reply_model, **kwargs))
+                if self._mode == "json_object":
+                    schema = {"type": "json_object", "schema": reply_model.model_json_schema()}
+                    return self._read(completions.create(response_format=schema, **kwargs))
+                return self._read(completions.create(**kwargs))
+            except openai.APIStatusError as exc:
                 detail = _error_detail(exc)
-                if self._drop_unsupported(detail):
+                if exc.status_code in (400, 422) and self._drop_unsupported(detail):
                     continue
-                if self._use_schema and self.structured == "auto":
-                    self._use_schema = False
+                if self._rejects_format(exc.status_code, detail):
+                    rejected, self._mode = self._mode, MODES[MODES.index(self._mode) + 1]
                     self.notify(self.scrub(f"planner openai:{self.model}: the server rejected "
-                                           f"response_format json_schema (HTTP {exc.status_code}: "
-                                           f"{detail}); asking for plain JSON from now on"))
+                                           f"response_format {rejected} (HTTP {exc.status_code}: "
+                                           f"{detail}); using {self._mode} from now on"))
                     continue
-                raise _Fatal(f"the server rejected the request (HTTP {exc.status_code}: {detail})") from None
+                raise self._classify(exc) from None
             except openai.OpenAIError as exc:
                 raise self._classify(exc) from None
+
+    def _rejects_format(self, status: int, detail: str) -> bool:
+        """In auto mode a 400/422 (or a 5xx naming response_format, as llama-cpp-python sends) on a
+        structured request means: try the next, plainer way of asking for JSON."""
+        if self.structured != "auto" or self._mode == MODES[-1]:
+            return False
+        return status in (400, 422) or (status >= 500 and "response_format" in detail)
 
     def _drop_unsupported(self, detail: str) -> bool:
         """Reasoning models refuse some sampling parameters; drop the one named and ask again."""
@@ -152,8 +161,8 @@ class OpenAIChat:
                 return True
         return False
 
-    def _read(self, raw, structured: bool) -> ChatReply:
-        mode = self._mode()
+    def _read(self, raw) -> ChatReply:
+        mode = self._mode
         try:
             body = json.loads(raw.http_response.text)
             choice = body["choices"][0]
@@ -174,7 +183,7 @@ class OpenAIChat:
             reply.failure = "the server's content filter stopped the reply"
         elif not answer:
             reply.problem = "the reply was empty; answer with one JSON object"
-        elif structured:
+        elif mode == "json_schema":
             reply.data = _parsed(raw)
         return reply
 
@@ -197,6 +206,8 @@ class OpenAIChat:
             if status == 404:
                 return _Fatal(f"model '{self.model}' or endpoint not found at {self.base_url} "
                               f"(HTTP 404: {detail})")
+            if status in (400, 422):
+                return _Fatal(f"the server rejected the request (HTTP {status}: {detail})")
             return _Fatal(f"HTTP {status}: {detail}")
         return _Fatal(f"{type(exc).__name__}: {str(exc)[:200]}")
 

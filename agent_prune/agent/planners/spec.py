@@ -40,7 +40,7 @@ class PlannerOptions(BaseModel):
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(1024, gt=0)
     seed: int | None = None
-    structured: str = "auto"  # openai: auto | json_schema | off
+    structured: str = "auto"  # openai: auto | json_schema | json_object | json_text
     decoding: str = "auto"  # hf: auto | constrained | skeleton
     device: str = "cpu"  # hf
 
