@@ -14,6 +14,10 @@ SHARED_DATA = SHARED / "data"
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
 
+# Tests share 2 cores with other jobs: with 2 intra-op threads a tiny forward pass took ~1 s under
+# load (threads wait on each other), with 1 thread ~2 ms. Override with AGENT_PRUNE_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("AGENT_PRUNE_TEST_THREADS", "1")))
+
 
 def tiny_config(family: str, **overrides):
     """A config small enough to build and run in milliseconds, with GQA (4 query / 2 KV heads)."""
@@ -34,6 +38,27 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with exactly 256 tokens (fits the tiny models' vocabulary), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(symbols)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=symbols[0])
+
+
+def save_tiny(folder, family: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a tiny model with its tokenizer as a Hugging Face folder (for CLI and loading tests)."""
+    folder = Path(folder)
+    tiny_model(family, seed, **overrides).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(params=FAMILIES)

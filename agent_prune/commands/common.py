@@ -32,3 +32,27 @@ def add_output_args(parser) -> None:
 def print_json(payload) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+class RichProgress:
+    """Progress bars on stderr (rich) behind the evaluation's ``Progress`` interface; no-op when quiet."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.quiet = quiet
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), console=stderr_console, transient=False,
+                                  disable=quiet)
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+        return False
+
+    def task(self, description: str, total: int):
+        task_id = self._progress.add_task(description, total=total)
+        return lambda steps: self._progress.advance(task_id, steps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from agent_prune.errors import UnsupportedModelError
@@ -39,6 +40,8 @@ class FamilyAdapter:
     # Config attributes holding one entry per decoder layer: sliced when layers are removed.
     per_layer_config_lists: ClassVar[tuple[str, ...]] = ("layer_types",)
     attention_attr: ClassVar[str] = "self_attn"
+    # Dotted path of the decoder-layer list inside the *ForCausalLM model (for generated code).
+    layers_path: ClassVar[str] = "model.layers"
     mlp_attr: ClassVar[str] = "mlp"
 
     def __init__(self, model: nn.Module):
@@ -68,6 +71,14 @@ class FamilyAdapter:
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
 
+    def output_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits from the last decoder layer's output: final norm, lm_head, final soft-capping."""
+        logits = self.lm_head()(self.final_norm()(hidden_states))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     @property
     def head_dim(self) -> int:
         head_dim = getattr(self.config, "head_dim", None)
@@ -79,7 +90,7 @@ class FamilyAdapter:
 
     def layer_key_prefix(self, index: int) -> str:
         """State-dict prefix of decoder layer ``index`` (e.g. ``model.layers.3.``)."""
-        return f"model.layers.{index}."
+        return f"{self.layers_path}.{index}."
 
     # ---- one layer ---------------------------------------------------------------------------
     def attention(self, layer: nn.Module) -> nn.Module:
@@ -109,6 +120,11 @@ class FamilyAdapter:
             num_kv_heads=proj["k_proj"].out_features // self.head_dim,
             intermediate_size=self.mlp_projections(layer)["gate_proj"].out_features,
         )
+
+    def projections_feed_residual(self, layer: nn.Module) -> bool:
+        """Whether o_proj/down_proj outputs are added to the residual stream as they are (no norm
+        after them), so a refit can aim at the dense residual stream directly."""
+        return True
 
     def set_attention_heads(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         """Tell an attention module its new head counts after its projections were resized.
@@ -174,6 +190,9 @@ class GemmaAdapter(FamilyAdapter):
     """Gemma 1/2/3 text models share the Llama layout (extra norms are per-hidden, not pruned)."""
 
     model_types = ("gemma", "gemma2", "gemma3_text")
+
+    def projections_feed_residual(self, layer: nn.Module) -> bool:
+        return not hasattr(layer, "post_feedforward_layernorm")  # Gemma 2/3 norm after each block
 
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (

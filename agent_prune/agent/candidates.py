@@ -1,0 +1,101 @@
+"""Turn a planner's proposal into concrete, budget-sized pruning actions (pure functions).
+
+The planner says *where* (which layers, in what order, MLP vs attention share); this module says
+*how much*, so that each candidate removes about one step budget of prunable parameters:
+- depth: the shortest prefix of the proposed layers whose parameters reach the budget;
+- width: the MLP share of the budget split evenly over the proposed layers as channel counts
+  (each channel costs gate row + up row + down column = 3 * hidden), capped per layer and
+  redistributed when a cap binds; the attention share as whole KV groups (each costs its query
+  heads' q rows and o columns plus its k and v rows), least important layers first.
+Which channels or groups go inside a layer is the pruners' choice, from the profile's scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent_prune.agent.proposal import DepthProposal, WidthProposal
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """What the sizing needs to know about one current layer."""
+
+    index: int
+    params: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_channels: int
+
+
+def mlp_channel_cost(hidden: int) -> int:
+    return 3 * hidden
+
+
+def kv_group_cost(layer: LayerSize, hidden: int, head_dim: int) -> int:
+    heads_per_group = layer.num_heads // layer.num_kv_heads
+    return (2 * heads_per_group + 2) * head_dim * hidden
+
+
+def size_depth(proposal: DepthProposal, layers: list[LayerSize], budget: int,
+               max_overshoot: float = 2.0) -> list[int]:
+    """Layers to remove: a prefix of the proposal reaching ``budget``; [] if one layer is too big."""
+    chosen, removed = [], 0
+    for index in proposal.layers:
+        if removed >= budget:
+            break
+        chosen.append(index)
+        removed += layers[index].params
+    if not chosen or removed > max_overshoot * budget or len(chosen) >= len(layers):
+        return []
+    return sorted(chosen)
+
+
+def size_mlp(layer_indices: list[int], layers: list[LayerSize], budget: int, hidden: int,
+             max_fraction: float = 0.5, min_channels: int = 8) -> dict[int, int]:
+    """Channels to remove per layer, spreading ``budget`` evenly and respecting per-layer caps."""
+    targets = layer_indices or [layer.index for layer in layers]
+    caps = {i: max(0, min(int(layers[i].mlp_channels * max_fraction),
+                          layers[i].mlp_channels - min_channels)) for i in targets}
+    remaining = budget // mlp_channel_cost(hidden)
+    counts = dict.fromkeys(targets, 0)
+    while remaining > 0:
+        open_layers = [i for i in targets if counts[i] < caps[i]]
+        if not open_layers:
+            break
+        share = max(1, remaining // len(open_layers))
+        for i in open_layers:
+            take = min(share, caps[i] - counts[i], remaining)
+            counts[i] += take
+            remaining -= take
+            if remaining == 0:
+                break
+    return {i: c for i, c in counts.items() if c > 0}
+
+
+def size_kv_groups(layer_indices: list[int], layers: list[LayerSize], budget: int, hidden: int,
+                   head_dim: int) -> dict[int, int]:
+    """Whole KV groups to remove, one per layer in proposal order, never a layer's last group."""
+    targets = layer_indices or [layer.index for layer in layers]
+    counts: dict[int, int] = {}
+    spent = 0
+    for i in targets:
+        cost = kv_group_cost(layers[i], hidden, head_dim)
+        if layers[i].num_kv_heads <= 1 or spent + cost > budget:
+            continue
+        counts[i] = 1
+        spent += cost
+    return counts
+
+
+def size_width(proposal: WidthProposal, layers: list[LayerSize], budget: int, hidden: int,
+               head_dim: int) -> dict[int, dict[str, int]]:
+    """Per layer ``{"mlp_channels": n, "kv_groups": g}`` for a width candidate of about ``budget``."""
+    attention_budget = round((1.0 - proposal.mlp_share) * budget)
+    groups = size_kv_groups(proposal.layers, layers, attention_budget, hidden, head_dim)
+    spent = sum(kv_group_cost(layers[i], hidden, head_dim) * g for i, g in groups.items())
+    channels = size_mlp(proposal.layers, layers, budget - spent, hidden)
+    plan: dict[int, dict[str, int]] = {}
+    for i in sorted(set(groups) | set(channels)):
+        plan[i] = {"mlp_channels": channels.get(i, 0), "kv_groups": groups.get(i, 0)}
+    return plan

@@ -1,0 +1,236 @@
+"""The loop's nodes. Each takes the JSON state, does one stage, and returns a partial update.
+
+Nodes are safe to re-run after a crash: candidates and accepted steps are written to fixed paths
+(overwritten on a rerun), and step numbers come from the state, not from counters in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent_prune.agent import decisions
+from agent_prune.agent.candidates import LayerSize, size_depth, size_width
+from agent_prune.agent.planners.base import FailedStep
+from agent_prune.agent.proposal import LayerRow, PlannerContext, Proposal, StepRecord
+from agent_prune.agent.runtime import RunContext
+from agent_prune.agent.trace import Stopwatch
+from agent_prune.errors import InvalidActionError
+from agent_prune.io import atomic_write_json, read_json
+
+TARGET_TOLERANCE = 0.002  # a run within 0.2 points of its target sparsity has reached it
+
+
+class LoopNodes:
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    # ---- start ---------------------------------------------------------------------------------
+    def start(self, state: dict) -> dict:
+        ctx = self.ctx
+        with Stopwatch() as watch:
+            dense = ctx.commit_dense()
+        ctx.trace.event("start", duration_s=watch.seconds, options=ctx.options.model_dump(),
+                        dense=dense)
+        ctx.reporter.started(ctx.options, dense)
+        return {
+            "status": "running", "iteration": 0, "dense": dense,
+            "current": {"step": 0, "dir": dense["dir"], "sparsity": 0.0, "params": dense["params"],
+                        "record": dense["record"]},
+            "history": [], "reflections": [], "rejected_layers": [], "rejections": 0,
+            "step_scale": 1.0, "candidates": [], "proposal": None, "decision": None,
+        }
+
+    # ---- profile -------------------------------------------------------------------------------
+    def profile(self, state: dict) -> dict:
+        ctx = self.ctx
+        step = state["current"]["step"]
+        path = ctx.run_dir / "profiles" / f"step-{step:04d}.json"
+        with Stopwatch() as watch:
+            if not path.is_file():
+                model, manifest = ctx.load_state(Path(state["current"]["dir"]))
+                profile = ctx.profile(model, manifest)
+                atomic_write_json(path, profile)
+            profile = read_json(path)
+        ctx.trace.event("profile", iteration=state["iteration"] + 1, duration_s=watch.seconds,
+                        step=step, path=str(path), table=ctx.profile_table(profile))
+        return {"profile_path": str(path)}
+
+    # ---- plan ----------------------------------------------------------------------------------
+    def plan(self, state: dict) -> dict:
+        ctx = self.ctx
+        iteration = state["iteration"] + 1
+        context = self.planner_context(state, iteration)
+        ctx.reporter.planning(iteration)
+        with Stopwatch() as watch:
+            result = ctx.planner.propose(context)
+        ctx.trace.event(
+            "plan", iteration=iteration, duration_s=watch.seconds, planner=result.planner,
+            status=result.status, fallback=result.fallback, context=context.model_dump(),
+            attempts=[a.model_dump() for a in result.attempts], proposal=result.proposal.model_dump(),
+        )
+        for attempt in result.attempts:
+            if attempt.error:
+                ctx.reporter.warn(f"planner: {attempt.error}")
+        return {"iteration": iteration, "proposal": result.proposal.model_dump(),
+                "planner_status": result.status,
+                "budget": {"params": context.step_budget_params,
+                           "fraction": context.step_budget_fraction, "scale": state["step_scale"]}}
+
+    def planner_context(self, state: dict, iteration: int) -> PlannerContext:
+        ctx = self.ctx
+        profile = read_json(state["profile_path"])
+        rows = [LayerRow(**row) for row in ctx.profile_rows(profile)]
+        budget = self.step_budget(state)
+        history = [StepRecord(**h["record"]) for h in state["history"]]
+        return PlannerContext(
+            iteration=iteration, num_layers=len(rows), current_sparsity=state["current"]["sparsity"],
+            target_sparsity=ctx.options.target_sparsity, step_budget_params=budget,
+            step_budget_fraction=budget / state["dense"]["prunable"], branches=ctx.options.branches,
+            layers=rows, history=history, reflections=state["reflections"][-5:],
+            rejected_layers=state["rejected_layers"],
+        )
+
+    def step_budget(self, state: dict) -> int:
+        dense = state["dense"]
+        fraction = self.ctx.options.step_fraction or 1.0 / dense["layers"]
+        remaining = (self.ctx.options.target_sparsity - state["current"]["sparsity"]) * dense["prunable"]
+        return max(1, int(min(fraction * dense["prunable"] * state["step_scale"], remaining)))
+
+    # ---- build ---------------------------------------------------------------------------------
+    def build(self, state: dict) -> dict:
+        ctx = self.ctx
+        iteration = state["iteration"]
+        proposal = Proposal.model_validate(state["proposal"])
+        profile = read_json(state["profile_path"])
+        base_model, base_manifest = ctx.load_state(Path(state["current"]["dir"]))
+        sizes = [LayerSize(**s) for s in ctx.layer_sizes(base_model)]
+        budget = state["budget"]["params"]
+        plans = {}
+        if proposal.depth is not None:
+            layers = size_depth(proposal.depth, sizes, budget)
+            if layers:
+                plans["depth"] = [{"kind": "remove_layers", "layers": layers}]
+        if proposal.width is not None:
+            width = size_width(proposal.width, sizes, budget, ctx.hidden_size, ctx.head_dim)
+            if width:
+                plans["width"] = [{"kind": "prune_width", "layer": i, **counts}
+                                  for i, counts in width.items()]
+        candidates = []
+        for branch, actions in plans.items():
+            target = ctx.run_dir / "candidates" / f"iter-{iteration:04d}" / branch
+            ctx.reporter.building(iteration, branch)
+            with Stopwatch() as watch:
+                try:
+                    info = ctx.build_candidate(base_model, base_manifest, actions, profile, target)
+                except InvalidActionError as exc:
+                    ctx.trace.event("candidate_invalid", iteration=iteration, branch=branch,
+                                    actions=actions, error=exc.one_line())
+                    continue
+            info = {"branch": branch, "dir": str(target), "actions": actions, **info}
+            ctx.trace.event("candidate_built", iteration=iteration, duration_s=watch.seconds, **info)
+            candidates.append(info)
+        return {"candidates": candidates}
+
+    # ---- evaluate ------------------------------------------------------------------------------
+    def evaluate(self, state: dict) -> dict:
+        ctx = self.ctx
+        scored = []
+        for candidate in state["candidates"]:
+            ctx.reporter.evaluating(state["iteration"], candidate["branch"])
+            with Stopwatch() as watch:
+                record_path = ctx.score_state(Path(candidate["dir"]))
+            summary = decisions.headline(read_json(record_path))
+            ctx.trace.event("candidate_scored", iteration=state["iteration"], duration_s=watch.seconds,
+                            branch=candidate["branch"], metrics=summary)
+            scored.append({**candidate, "record": str(record_path), "metrics": summary})
+        return {"candidates": scored}
+
+    # ---- decide --------------------------------------------------------------------------------
+    def decide(self, state: dict) -> dict:
+        ctx = self.ctx
+        iteration = state["iteration"]
+        current = read_json(state["current"]["record"])
+        dense = read_json(state["dense"]["record"])
+        records = {c["branch"]: read_json(c["record"]) for c in state["candidates"]}
+        params = {c["branch"]: c["params"] for c in state["candidates"]}
+        decision = decisions.decide(records, params, current, dense, ctx.options.gates,
+                                    select_by=ctx.options.select_by)
+        update: dict = {"decision": decision}
+        if decision["accepted"]:
+            chosen = next(c for c in state["candidates"] if c["branch"] == decision["branch"])
+            step = state["current"]["step"] + 1
+            step_dir = ctx.accept(step, Path(chosen["dir"]), decision, chosen,
+                                  previous_sparsity=state["current"]["sparsity"])
+            summary = f"{chosen['branch']}: " + decisions.describe_actions(chosen["actions"])
+            record = StepRecord(iteration=iteration, branch=chosen["branch"], summary=summary,
+                                sparsity=chosen["sparsity"], **decisions.history_metrics(chosen))
+            update.update(
+                current={"step": step, "dir": str(step_dir), "sparsity": chosen["sparsity"],
+                         "params": chosen["params"], "record": str(step_dir / "signals.json")},
+                history=[*state["history"], {"step": step, "record": record.model_dump(),
+                                             "candidate": chosen}],
+                rejections=0, step_scale=1.0, rejected_layers=[],
+            )
+            ctx.trace.event("decision", iteration=iteration, step=step, **decision)
+        else:
+            tried = [layer for c in state["candidates"] for a in c["actions"]
+                     if a["kind"] == "remove_layers" for layer in a["layers"]]
+            update.update(rejections=state["rejections"] + 1, step_scale=state["step_scale"] * 0.5,
+                          rejected_layers=sorted(set(state["rejected_layers"]) | set(tried)))
+            ctx.trace.event("decision", iteration=iteration, **decision)
+            ctx.trace.event("rollback", iteration=iteration, to_step=state["current"]["step"],
+                            reason=decision["reason"])
+        merged = {**state, **update}
+        update["status"] = self.stop_status(merged)
+        ctx.reporter.decided(iteration, decision, merged)
+        return update
+
+    def stop_status(self, state: dict) -> str:
+        options = self.ctx.options
+        if state["current"]["sparsity"] >= options.target_sparsity - TARGET_TOLERANCE:
+            return "target_reached"
+        if state["iteration"] >= options.max_iterations:
+            return "max_iterations"
+        if state["rejections"] >= options.max_rejections:
+            return "no_acceptable_step"
+        return "running"
+
+    # ---- reflect -------------------------------------------------------------------------------
+    def reflect(self, state: dict) -> dict:
+        ctx = self.ctx
+        iteration = state["iteration"]
+        failed = FailedStep(iteration=iteration, proposal=Proposal.model_validate(state["proposal"]),
+                            outcome=state["decision"]["reason"],
+                            candidates=[{k: c[k] for k in ("branch", "actions", "metrics") if k in c}
+                                        for c in state["candidates"]])
+        context = self.planner_context(state, iteration)
+        with Stopwatch() as watch:
+            result = ctx.planner.reflect(context, failed)
+        lesson = result.reflection.lesson
+        ctx.trace.event("reflection", iteration=iteration, duration_s=watch.seconds,
+                        planner=result.planner, status=result.status, lesson=lesson,
+                        avoid_layers=result.reflection.avoid_layers,
+                        attempts=[a.model_dump() for a in result.attempts])
+        avoid = sorted(set(state["rejected_layers"]) | set(result.reflection.avoid_layers))
+        return {"reflections": [*state["reflections"], f"iteration {iteration}: {lesson}"],
+                "rejected_layers": avoid}
+
+    # ---- finish --------------------------------------------------------------------------------
+    def finish(self, state: dict) -> dict:
+        ctx = self.ctx
+        with Stopwatch() as watch:
+            final = ctx.finish(state)
+        ctx.trace.event("finish", duration_s=watch.seconds, status=state["status"], **final)
+        return {"final": final}
+
+    # ---- routing -------------------------------------------------------------------------------
+    def route_after_accept(self, state: dict) -> str:
+        return "profile" if self.stop_status(state) == "running" else "finish"
+
+    def route_after_decide(self, state: dict) -> str:
+        if state["status"] != "running":
+            return "finish"
+        return "profile" if state["decision"]["accepted"] else "reflect"
+
+    def route_after_reflect(self, state: dict) -> str:
+        return "plan" if state["status"] == "running" else "finish"

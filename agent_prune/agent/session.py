@@ -1,0 +1,89 @@
+"""Start or resume a run: validate inputs before touching disk, then drive the graph."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from agent_prune import __version__
+from agent_prune.agent.options import RunOptions
+from agent_prune.agent.runtime import Reporter, RunContext
+from agent_prune.data.sources import resolve_data_dir
+from agent_prune.errors import InputError
+from agent_prune.io import atomic_write_json, read_json
+from agent_prune.models.loading import resolve_device, resolve_model_source
+
+RUN_FILE = "run.json"
+
+
+def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
+    run_dir = Path(options.out)
+    if (run_dir / RUN_FILE).is_file():
+        raise InputError(f"{run_dir} already holds a run",
+                         f"continue it with 'agent-prune resume {run_dir}', or pick another --out")
+    # Fail on bad input before anything is written.
+    resolve_model_source(options.model)
+    resolve_device(options.device)
+    resolve_data_dir(options.data_dir)
+    from agent_prune.agent.planners.spec import make_planner
+
+    make_planner(options.planner, base_url=options.planner_base_url, timeout=options.planner_timeout,
+                 check_only=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / RUN_FILE, {
+        "agent_prune_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": options.model_dump(),
+    })
+    return _drive(RunContext(options, reporter), resume=False)
+
+
+def resume_run(run_dir: str, reporter: Reporter | None = None) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise InputError(f"{run_dir} is not a run directory (no {RUN_FILE})",
+                         "pass the directory given to 'agent-prune run --out'")
+    options = RunOptions.model_validate(read_json(path)["options"])
+    return _drive(RunContext(options, reporter), resume=True)
+
+
+def _drive(ctx: RunContext, resume: bool) -> dict:
+    from agent_prune.agent.graph import run_graph
+    from agent_prune.reporting.report import write_report
+
+    state = run_graph(ctx, resume=resume)
+    summary = run_summary(state, ctx.options)
+    if state.get("final"):
+        summary["report"] = str(write_report(ctx.run_dir, summary))
+    atomic_write_json(ctx.run_dir / "summary.json", summary)
+    return summary
+
+
+def run_summary(state: dict, options: RunOptions) -> dict:
+    current = state.get("current", {})
+    history = state.get("history", [])
+    dense_signals = read_json(state["dense"]["record"]) if state.get("dense") else None
+    points = [{"sparsity": 0.0, **_signals(dense_signals)}] if dense_signals else []
+    points += [{"sparsity": h["candidate"]["sparsity"], **h["candidate"].get("metrics", {})}
+               for h in history]
+    return {
+        "status": state.get("status"),
+        "run_dir": options.out,
+        "options": options.model_dump(),
+        "iterations": state.get("iteration", 0),
+        "accepted_steps": len(history),
+        "sparsity": current.get("sparsity", 0.0),
+        "params": current.get("params"),
+        "dense_params": state.get("dense", {}).get("params"),
+        "steps": [{"step": h["step"], "iteration": h["record"]["iteration"],
+                   "branch": h["record"]["branch"], "summary": h["record"]["summary"],
+                   "sparsity": h["record"]["sparsity"], "metrics": h["candidate"].get("metrics", {})}
+                  for h in history],
+        "quality_points": points,
+        "layer_map": state.get("final", {}).get("layer_map"),
+        "final": state.get("final", {}),
+    }
+
+
+def _signals(record: dict) -> dict:
+    return {k: record[k] for k in ("perplexity", "mc_accuracy", "mc_margin", "kl") if record.get(k)}

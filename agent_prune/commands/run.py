@@ -1,0 +1,133 @@
+"""``agent-prune run``: prune a model to a target sparsity with the agent loop, then export it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agent_prune.commands.common import add_data_args, print_json
+from agent_prune.commands.config import load_config_file, validation_message
+from agent_prune.errors import EXIT_OK, EXIT_TARGET_NOT_REACHED, InputError
+
+EXAMPLES = """examples:
+  agent-prune run --model ../shared/models/smollm2-135m-instruct --data-dir ../shared/data \\
+      --target-sparsity 0.2 --planner heuristic --out runs/heuristic-20
+  agent-prune run --config run.toml --planner openai:gpt-4o-mini
+  agent-prune run --model M --target-sparsity 0.3 --out runs/r \
+      --planner openai:qwen2.5:7b@http://localhost:11434/v1
+"""
+
+# flag -> RunOptions field, for the flags that map one to one
+FLAG_FIELDS = (
+    "model", "out", "target_sparsity", "planner", "planner_base_url", "planner_timeout",
+    "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
+    "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
+    "data_dir", "device", "dtype",
+)
+GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
+              "min_probe_accuracy_ratio": float}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="prune a model to a target sparsity with the agent loop",
+        description="Profile, plan, branch (depth vs width), recover, evaluate and decide, step by "
+                    "step, until the target sparsity; export the pruned model and a report.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_args(parser)
+    parser.set_defaults(handler=run)
+
+
+def add_run_args(parser) -> None:
+    parser.add_argument("--config", help="TOML file with run options (flags override it)")
+    parser.add_argument("--model", help="local HF folder, .gguf file, or hub id")
+    parser.add_argument("--out", help="run directory (created; must not hold another run)")
+    parser.add_argument("--target-sparsity", type=float,
+                        help="fraction of prunable parameters to remove, e.g. 0.2")
+    parser.add_argument("--planner", help="heuristic | openai:MODEL[@URL] | hf:PATH_OR_ID")
+    parser.add_argument("--planner-base-url", help="OpenAI-compatible server URL for the planner")
+    parser.add_argument("--planner-timeout", type=float, help="seconds per planner request")
+    parser.add_argument("--max-iterations", type=int, help="planner proposals at most (default 40)")
+    parser.add_argument("--max-rejections", type=int,
+                        help="consecutive rolled-back steps before stopping (default 3)")
+    parser.add_argument("--step-fraction", type=float,
+                        help="step budget as a fraction of prunable params (default: one layer)")
+    parser.add_argument("--branches", help="comma list of depth,width (default both)")
+    parser.add_argument("--select-by", choices=("perplexity", "kl"), help="candidate choice signal")
+    parser.add_argument("--recovery", choices=("none", "reconstruct", "distill"),
+                        help="recovery after each cut (default reconstruct)")
+    parser.add_argument("--heal-tokens", type=int, help="distillation token budget (distill)")
+    parser.add_argument("--heal-seconds", type=float, help="distillation wall-clock budget (distill)")
+    parser.add_argument("--eval-windows", type=int, help="WikiText-2 validation windows per score")
+    parser.add_argument("--probe-limit", type=int, help="FreebaseQA multiple-choice questions per score")
+    parser.add_argument("--kl-windows", type=int, help="held-out C4 windows for KL to dense (0: off)")
+    parser.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
+    parser.add_argument("--calib-samples", type=int, help="C4 calibration windows (default 16)")
+    parser.add_argument("--seed", type=int)
+    for flag in GATE_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=float, dest=flag,
+                            help=f"gate: {flag.replace('_', ' ')}")
+    parser.add_argument("--no-final-eval", action="store_true",
+                        help="skip the before/after test-set evaluation at the end")
+    add_data_args(parser)
+    parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no live progress")
+
+
+def options_from_args(args):
+    from agent_prune.agent.options import RunOptions
+
+    values = load_config_file(args.config) if args.config else {}
+    for name in FLAG_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            values[name] = value
+    if args.branches:
+        values["branches"] = [b.strip() for b in args.branches.split(",") if b.strip()]
+    gates = dict(values.get("gates", {}))
+    for name in GATE_FLAGS:
+        if getattr(args, name, None) is not None:
+            gates[name] = getattr(args, name)
+    if gates:
+        values["gates"] = gates
+    if args.no_final_eval:
+        values.setdefault("final_eval", {})["windows"] = 0
+    for required in ("model", "out", "target_sparsity"):
+        if values.get(required) is None:
+            raise InputError(f"--{required.replace('_', '-')} is required",
+                             "pass it as a flag or put it in the --config file")
+    try:
+        return RunOptions.model_validate(values)
+    except ValidationError as exc:
+        raise InputError(validation_message(exc), "see agent-prune run --help") from None
+
+
+def run(args) -> int:
+    from agent_prune.agent.session import start_run
+    from agent_prune.commands.progress import make_reporter
+
+    options = options_from_args(args)
+    run_dir = Path(options.out)
+    args.resume_hint = f"agent-prune resume {run_dir}"
+    reporter = make_reporter(quiet=args.quiet or args.json)
+    try:
+        summary = start_run(options, reporter=reporter)
+    finally:
+        reporter.close()
+    return finish_command(summary, args)
+
+
+def finish_command(summary: dict, args) -> int:
+    if args.json:
+        print_json(summary)
+    reached = summary.get("status") == "target_reached"
+    if not reached:
+        print(f"target not reached: {summary.get('status')} at sparsity "
+              f"{summary.get('sparsity', 0.0):.3f}", file=sys.stderr)
+    return EXIT_OK if reached else EXIT_TARGET_NOT_REACHED

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, knowledge probes, multiple choice, KL, error bars and paired comparisons."""

@@ -1,0 +1,182 @@
+"""Export a (pruned) model as a Hugging Face folder, and load such a folder back.
+
+The folder holds safetensors weights, config.json, the tokenizer and ``agent_prune_manifest.json``.
+When every layer has the same widths the config is plain and stock
+``AutoModelForCausalLM.from_pretrained(dir)`` loads it. When widths differ per layer, config.json
+also lists them (``agent_prune_layer_widths``) and points ``auto_map`` at a small modeling file
+written beside the weights, so ``from_pretrained(dir, trust_remote_code=True)`` loads it; our own
+:func:`load_pretrained` runs the same code from the package and needs no remote code.
+
+The export is built from a clean config and the state dict (never ``save_pretrained`` on the
+model itself: transformers refuses that for a model loaded from ``.gguf``), and written to a
+temporary folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import string
+import tempfile
+import types
+from importlib import resources
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from agent_prune.actions.manifest import MANIFEST_FILE, Manifest, check_model_matches, parse_manifest
+from agent_prune.errors import InputError
+from agent_prune.models.adapters import adapter_class_for, adapter_for
+from agent_prune.models.loading import _first_line, _quiet_transformers, clean_config
+
+MODELING_FILE = "modeling_agent_prune.py"
+WIDTHS_KEY = "agent_prune_layer_widths"
+_TEMPLATE = "modeling_agent_prune.py.tmpl"
+
+
+class ExportSummary(BaseModel):
+    path: str
+    heterogeneous: bool
+    safetensors_bytes: int
+    loads_with: str
+
+
+def stock_class(config) -> type:
+    """The stock transformers ``*ForCausalLM`` class for ``config``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+
+
+def render_modeling_code(base: type, layers_path: str) -> str:
+    """The self-contained modeling file for exports of ``base`` with per-layer widths."""
+    template = resources.files("agent_prune.models").joinpath("templates", _TEMPLATE).read_text()
+    return string.Template(template).substitute(
+        base_module=base.__module__, base_class=base.__name__, class_name=f"AgentPrune{base.__name__}",
+        layers_path=layers_path,
+    )
+
+
+@functools.cache
+def pruned_class(base: type) -> type:
+    """``base`` rebuilt with per-layer widths: the very code an export carries, run from the package."""
+    layers_path = adapter_class_for(base.config_class.model_type).layers_path
+    module = types.ModuleType(f"agent_prune_generated_{base.__name__}")
+    exec(compile(render_modeling_code(base, layers_path), MODELING_FILE, "exec"), module.__dict__)
+    return getattr(module, f"AgentPrune{base.__name__}")
+
+
+def export_config(model: nn.Module, manifest: Manifest):
+    """A clean config for the model as it is now: uniform widths in the standard fields, else per layer."""
+    adapter = adapter_for(model)
+    config = clean_config(model.config)
+    widths = manifest.widths()
+    config.num_hidden_layers = len(widths)
+    config.head_dim = adapter.head_dim
+    for attribute in (WIDTHS_KEY, "auto_map"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    # Global fields hold the widest layer (exact when uniform; an upper bound for pre-allocation).
+    config.num_attention_heads = max(w.num_heads for w in widths)
+    config.num_key_value_heads = max(w.num_kv_heads for w in widths)
+    config.intermediate_size = max(w.intermediate_size for w in widths)
+    if len(set(widths)) > 1:
+        setattr(config, WIDTHS_KEY, [w.model_dump() for w in widths])
+        class_name = f"AgentPrune{stock_class(config).__name__}"
+        config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE.removesuffix('.py')}.{class_name}"}
+    return config
+
+
+def export_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: Manifest) -> ExportSummary:
+    """Write ``model`` (shaped as ``manifest`` says), tokenizer and manifest to ``out_dir``, atomically."""
+    adapter = adapter_for(model)
+    check_model_matches(adapter, manifest)
+    out = Path(out_dir).expanduser().resolve()
+    _check_target(out)
+    config = export_config(model, manifest)
+    heterogeneous = hasattr(config, WIDTHS_KEY)
+    base = stock_class(config)
+    cls = pruned_class(base) if heterogeneous else base
+    with torch.device("meta"):
+        fresh = cls(config)
+    fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
+    fresh.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        with _quiet_transformers():
+            fresh.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if heterogeneous:
+            (tmp / MODELING_FILE).write_text(render_modeling_code(base, adapter.layers_path))
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportSummary(
+        path=str(out), heterogeneous=heterogeneous, safetensors_bytes=safetensors_bytes(out),
+        loads_with="AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if heterogeneous
+        else "AutoModelForCausalLM.from_pretrained(path)",
+    )
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file())):
+        raise InputError(f"{out} exists and is not an agent-prune export",
+                         "choose a new or empty output folder (an earlier export there is replaced)")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an earlier export at ``out`` is swapped out first, then deleted."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def safetensors_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        raise InputError(f"{folder} has no {MANIFEST_FILE}", "pass a folder written by agent-prune export")
+    return parse_manifest(path.read_text())
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load an agent-prune export (uniform or per-layer widths) -> ``(model, tokenizer)``, in eval mode.
+
+    ``tokenizer`` is None when the export was written without one.
+
+    Runs the packaged copy of the export's modeling code, not the file in the folder, so no remote
+    code is executed. The model is checked against the folder's manifest.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    manifest = read_manifest(path)
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(path)
+            cls = pruned_class(stock_class(config)) if hasattr(config, WIDTHS_KEY) else stock_class(config)
+            model = cls.from_pretrained(path, config=config, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(Path(path)) else None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"cannot load the export at {path}: {_first_line(exc)}",
+                         "check that the folder is a complete agent-prune export") from None
+    check_model_matches(adapter_for(model), manifest)
+    return model.eval(), tokenizer

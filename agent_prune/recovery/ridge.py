@@ -1,0 +1,56 @@
+"""Ridge least squares from streamed statistics: the closed-form refit behind local reconstruction.
+
+A linear map ``y = W x`` whose input lost features (channels or heads cut upstream) is refitted so
+that, on calibration tokens, it reproduces a target ``t`` as well as a linear map can::
+
+    W* = argmin_W  sum_n ||W x_n - t_n||^2 + lam ||W||^2  =  (T^T X)(X^T X + lam I)^{-1}
+
+Only ``X^T X`` (d_in x d_in) and ``X^T T`` (d_in x d_out) are kept, accumulated batch by batch in
+float64 (per-batch products in float32), so the calibration set never has to sit in memory (the
+SparseGPT/OBC layer-wise trick, Frantar & Alistarh, arXiv 2301.00774; ZipLM applies the same update
+after structured cuts, Kurtic et al., arXiv 2302.04089). ``lam`` is relative: ``ridge * mean(diag(X^T X))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LeastSquaresCollector:
+    """Accumulates ``X^T X`` and ``X^T T`` over batches; ``solve`` returns the ridge solution."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.xty = torch.zeros(in_features, out_features, dtype=torch.float64)
+        self.count = 0
+
+    def add_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add rows: ``inputs`` (..., d_in) and ``targets`` (..., d_out), flattened over leading dims."""
+        # One batch's products in float32 (fast), the running sums in float64 (no drift over batches).
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        t = targets.reshape(-1, targets.shape[-1]).float()
+        self.xtx += (x.T @ x).double()
+        self.xty += (x.T @ t).double()
+        self.count += x.shape[0]
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """The weight (d_out x d_in, float64) minimising squared error plus the relative ridge."""
+        return solve_ridge(self.xtx, self.xty, ridge)
+
+    def free(self) -> None:
+        self.xtx = self.xty = None
+
+
+def solve_ridge(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(xtx + lam I)^{-1} xty`` transposed to a Linear weight; ``lam = ridge * mean(diag(xtx))``.
+
+    Features that never fired (zero diagonal) would make the system singular without damping, so a
+    tiny absolute floor is added as well; their weights come out zero.
+    """
+    diag = torch.diagonal(xtx)
+    lam = ridge * float(diag.mean()) + 1e-10
+    damped = xtx + lam * torch.eye(xtx.shape[0], dtype=xtx.dtype)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    # Numerically indefinite despite damping (info > 0): fall back to a least-squares solve.
+    solution = torch.cholesky_solve(xty, chol) if int(info) == 0 else torch.linalg.lstsq(damped, xty).solution
+    return solution.T.contiguous()

@@ -1,0 +1,1 @@
+"""Reading traces, the run report and its plots."""

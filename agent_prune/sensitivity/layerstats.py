@@ -1,0 +1,153 @@
+"""Turn one layer's finished collectors (forward) or weight gradients (backward) into statistics.
+
+Statistics are taken over the weights that remain (non-zero), so a mask-pruned layer is described
+by what it still has. Pure with respect to the model: reads weights and ``.grad``, changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from agent_prune.models.adapters import FamilyAdapter
+from agent_prune.sensitivity import metrics
+from agent_prune.sensitivity.collectors import (
+    ChannelCollector,
+    DepthCollector,
+    HeadCollector,
+    LinearCollector,
+    SpikeCandidate,
+)
+
+
+@dataclass
+class ForwardStats:
+    """Everything the forward pass learns about one layer."""
+
+    params: int
+    nonzero: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    block_influence: float
+    angular_distance: float
+    wanda: float
+    wanda_p10: float
+    modules: dict[str, dict]
+    structures: dict[str, list[float]]
+    spikes: list[SpikeCandidate] = field(default_factory=list)
+    peak_ratio: float = 0.0
+
+
+@dataclass
+class GradientStats:
+    gradient: float
+    taylor: float
+    modules: dict[str, dict]
+    structures: dict[str, list[float]]
+
+
+def attach_collectors(adapter: FamilyAdapter, layer: nn.Module) -> tuple[dict[str, LinearCollector], list]:
+    """A collector per linear module of ``layer``; o_proj and down_proj get the structural ones.
+
+    q/k/v read the attention input and gate/up the MLP input, so k, v and up share the input
+    statistics of q and gate instead of accumulating the same sums again.
+    """
+    attention, mlp = adapter.attention_projections(layer), adapter.mlp_projections(layer)
+    q = LinearCollector(attention["q_proj"])
+    gate = LinearCollector(mlp["gate_proj"])
+    by_module = {
+        attention["q_proj"]: q,
+        attention["k_proj"]: LinearCollector(attention["k_proj"], shares_input_with=q),
+        attention["v_proj"]: LinearCollector(attention["v_proj"], shares_input_with=q),
+        attention["o_proj"]: HeadCollector(attention["o_proj"], adapter.head_dim),
+        mlp["gate_proj"]: gate,
+        mlp["up_proj"]: LinearCollector(mlp["up_proj"], shares_input_with=gate),
+        mlp["down_proj"]: ChannelCollector(mlp["down_proj"]),
+    }
+    collectors = {name: by_module[module] for name, module in adapter.linear_modules(layer).items()}
+    handles = [
+        collector.module.register_forward_hook(collector.hook)
+        for collector in collectors.values()
+        if collector.source is None
+    ]
+    return collectors, handles
+
+
+def forward_stats(
+    adapter: FamilyAdapter,
+    layer: nn.Module,
+    collectors: dict[str, LinearCollector],
+    depth: DepthCollector,
+    spike_ratio: float,
+    spike_min: float,
+) -> ForwardStats:
+    widths = adapter.layer_widths(layer)
+    modules, kept_scores = {}, []
+    for name, collector in collectors.items():
+        weight = collector.module.weight
+        scores = _nonzero(collector.finalize(), weight)
+        kept_scores.append(scores)
+        modules[name] = {
+            "params": weight.numel(),
+            "nonzero": scores.numel(),
+            "wanda": _mean(scores),
+            "wanda_p10": metrics.percentile(scores, 10),
+            "input_norm": float(collector.input_norm().mean()),
+        }
+    all_scores = torch.cat(kept_scores)
+    heads_collector = next(c for c in collectors.values() if isinstance(c, HeadCollector))
+    channel_collector = next(c for c in collectors.values() if isinstance(c, ChannelCollector))
+    heads = heads_collector.head_scores()
+    return ForwardStats(
+        params=sum(m["params"] for m in modules.values()),
+        nonzero=all_scores.numel(),
+        num_heads=widths.num_heads,
+        num_kv_heads=widths.num_kv_heads,
+        intermediate_size=widths.intermediate_size,
+        block_influence=depth.block_influence(),
+        angular_distance=depth.angular_distance(),
+        wanda=_mean(all_scores),
+        wanda_p10=metrics.percentile(all_scores, 10),
+        modules=modules,
+        structures={
+            "kv_groups": metrics.kv_group_scores(heads, widths.num_kv_heads).tolist(),
+            "heads": heads.tolist(),
+            "mlp_channels": channel_collector.channel_scores().tolist(),
+        },
+        spikes=channel_collector.spikes(spike_ratio, spike_min),
+        peak_ratio=channel_collector.peak_ratio(),
+    )
+
+
+def gradient_stats(adapter: FamilyAdapter, layer: nn.Module) -> GradientStats:
+    """Per-module and per-layer mean |grad| and |W * grad| from the weights' ``.grad``."""
+    modules, grads, taylors, per_projection = {}, [], [], {}
+    for name, module in adapter.linear_modules(layer).items():
+        weight, grad = module.weight, module.weight.grad
+        taylor = metrics.taylor_scores(weight, grad)
+        grads.append(_nonzero(grad.detach().abs().float(), weight))
+        taylors.append(_nonzero(taylor, weight))
+        modules[name] = {"gradient": _mean(grads[-1]), "taylor": _mean(taylors[-1])}
+        per_projection[name.rsplit(".", 1)[-1]] = taylor
+    structures = metrics.taylor_structures(
+        per_projection, adapter.layer_widths(layer).num_kv_heads, adapter.head_dim
+    )
+    return GradientStats(
+        gradient=_mean(torch.cat(grads)),
+        taylor=_mean(torch.cat(taylors)),
+        modules=modules,
+        structures={k: v.tolist() for k, v in structures.items()},
+    )
+
+
+def _nonzero(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``values`` at the non-zero entries of ``weight``, flattened (no copy-by-mask when dense)."""
+    kept = weight != 0
+    return values.reshape(-1) if bool(kept.all()) else values[kept]
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else 0.0

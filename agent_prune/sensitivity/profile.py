@@ -1,0 +1,355 @@
+"""``profile_model``: the layer-streaming driver that produces a :class:`SensitivityProfile`.
+
+One call = (1) capture layer-0 inputs and every layer's kwargs; (2) forward pass, layer by layer,
+with collectors (Wanda, AMP structures, depth, super-activation trace), storing each layer's inputs
+when gradients are wanted; (3) optional backward pass, layer by layer from the top (see
+:mod:`~agent_prune.sensitivity.gradients`); (4) assemble per-layer records, z-scores, protections.
+
+Partial recomputation (``previous`` + ``start_layer=k``): layers ``< k`` are unchanged since
+``previous`` and see the same inputs, so their forward metrics (Block Influence, angular distance,
+Wanda, structure scores, super weights) are copied; layers ``>= k`` are measured again. Gradient
+metrics are always recomputed for every layer, because ``dL/dW`` of an early layer depends on every
+layer above it. With a persistent ``store`` that already holds this calibration set's inputs of
+layers ``<= k``, the forward through layers ``< k`` is skipped too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from agent_prune.errors import InputError
+from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.loading import resolve_device
+from agent_prune.sensitivity import gradients as grad_pass
+from agent_prune.sensitivity import metrics
+from agent_prune.sensitivity.collectors import ChannelCollector, DepthCollector
+from agent_prune.sensitivity.layerstats import (
+    ForwardStats,
+    GradientStats,
+    attach_collectors,
+    forward_stats,
+    gradient_stats,
+)
+from agent_prune.sensitivity.schema import (
+    METRICS,
+    CalibrationInfo,
+    LayerProfile,
+    ModelInfo,
+    ModuleStats,
+    ProfileCost,
+    SensitivityProfile,
+    Structures,
+    SuperWeight,
+)
+from agent_prune.sensitivity.streaming import (
+    ActivationStore,
+    LayerInputs,
+    capture_layer_inputs,
+    on_device,
+    run_layer,
+    windows_digest,
+)
+from agent_prune.sensitivity.superweights import SPIKE_MIN, SPIKE_RATIO, protect_super_weights, super_weights
+
+Progress = Callable[[str, int, int], None]
+
+
+def profile_model(
+    model: nn.Module,
+    calibration_windows: torch.Tensor,
+    *,
+    device: str = "cpu",
+    gradients: bool = True,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+    layer_sources: list[int] | None = None,
+    previous: SensitivityProfile | None = None,
+    start_layer: int = 0,
+    store: ActivationStore | None = None,
+    activation_store: str = "disk",
+    dataset: str | None = None,
+    seed: int | None = None,
+    model_name: str | None = None,
+    spike_ratio: float = SPIKE_RATIO,
+    spike_min: float = SPIKE_MIN,
+    loss_chunk_tokens: int = grad_pass.DEFAULT_CHUNK_TOKENS,
+) -> SensitivityProfile:
+    """Profile ``model`` as it is now on ``calibration_windows`` (LongTensor ``[samples, seqlen]``).
+
+    ``layer_sources[i]`` is the dense-model index of current layer ``i`` (default: ``i``). Weights
+    stay where they are; each layer runs on ``device`` while it is measured. ``store`` keeps layer
+    inputs between calls (for cheap partial profiles); without it a temporary ``activation_store``
+    ("disk" or "memory") is used when gradients are wanted.
+    """
+    started = time.perf_counter()
+    adapter = adapter_for(model)
+    windows = _check_windows(calibration_windows, model)
+    sources = _check_sources(layer_sources, adapter.num_layers)
+    digest = windows_digest(windows)
+    _check_previous(previous, start_layer, digest, sources)
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size} is not positive", "use a batch size of 1 or more")
+    work = resolve_device(device)
+    report = progress or (lambda phase, done, total: None)
+    owned = store is None and gradients
+    acts = ActivationStore(activation_store) if owned else store
+    if acts is not None:
+        acts.reset(digest)
+    try:
+        with _measuring(model):
+            inputs = capture_layer_inputs(adapter, windows, batch_size, work)
+            hidden = _inputs_of(adapter, start_layer, inputs, acts, work)
+            fresh = {}
+            for index in range(start_layer, adapter.num_layers):
+                if acts is not None:
+                    acts.put(index, hidden)
+                fresh[index] = _forward_layer(adapter, index, hidden, inputs, work, spike_ratio, spike_min)
+                report("forward", index + 1 - start_layer, adapter.num_layers - start_layer)
+            if acts is not None:
+                acts.drop_from(adapter.num_layers)  # inputs of layers a depth cut removed
+            forward_seconds = time.perf_counter() - started
+            grads, loss = (None, None)
+            if gradients:
+                grad, loss = grad_pass.output_gradient(adapter, hidden, windows, loss_chunk_tokens)
+                del hidden  # the backward needs only the stored inputs from here on
+                grads = _backward(adapter, grad, inputs, acts, work, report)
+    finally:
+        if owned:
+            acts.close()
+    layers = _assemble(sources, previous, start_layer, fresh, grads)
+    swaps = _super_weights(previous, start_layer, fresh)
+    seconds = time.perf_counter() - started
+    return SensitivityProfile(
+        model=_model_info(model, adapter, model_name),
+        calibration=CalibrationInfo(
+            dataset=dataset, samples=windows.shape[0], seqlen=windows.shape[1], seed=seed,
+            tokens=windows.numel(), digest=digest,
+        ),
+        gradients=gradients,
+        calibration_loss=loss,
+        layers=layers,
+        protected=protect_super_weights(swaps),
+        super_weights=swaps,
+        cost=ProfileCost(
+            seconds=round(seconds, 3), forward_seconds=round(forward_seconds, 3),
+            gradient_seconds=round(seconds - forward_seconds, 3), device=str(work), batch_size=batch_size,
+            activation_store=(acts.kind if acts is not None else "none"), start_layer=start_layer,
+        ),
+    )
+
+
+# ---- passes ------------------------------------------------------------------------------------
+@torch.no_grad()
+def _inputs_of(
+    adapter: FamilyAdapter, start: int, inputs: LayerInputs, acts: ActivationStore | None, work: torch.device
+) -> torch.Tensor:
+    """Inputs of layer ``start``: from the store when it holds them, else by a plain forward."""
+    if start > 0 and acts is not None and all(acts.has(i) for i in range(start + 1)):
+        return acts.get(start, work)
+    hidden = inputs.hidden
+    for index in range(start):
+        if acts is not None:
+            acts.put(index, hidden)
+        layer = adapter.layers()[index]
+        with on_device(layer, work):
+            for b, batch in enumerate(inputs.batches):
+                hidden[batch] = run_layer(layer, hidden[batch], inputs.kwargs[b][index])
+    return hidden
+
+
+@torch.no_grad()
+def _forward_layer(
+    adapter: FamilyAdapter, index: int, hidden: torch.Tensor, inputs: LayerInputs,
+    work: torch.device, spike_ratio: float, spike_min: float,
+) -> ForwardStats:
+    """Measure layer ``index`` and overwrite ``hidden`` with its outputs, batch by batch."""
+    layer = adapter.layers()[index]
+    with on_device(layer, work):
+        collectors, handles = attach_collectors(adapter, layer)
+        spikes = next(c for c in collectors.values() if isinstance(c, ChannelCollector))
+        depth = DepthCollector()
+        try:
+            for b, batch in enumerate(inputs.batches):
+                out = run_layer(layer, hidden[batch], inputs.kwargs[b][index])
+                depth.add_batch(hidden[batch], out)
+                spikes.observe_layer(hidden[batch], out)
+                hidden[batch] = out
+        finally:
+            for handle in handles:
+                handle.remove()
+        stats = forward_stats(adapter, layer, collectors, depth, spike_ratio, spike_min)
+        for collector in collectors.values():
+            collector.free()
+    return stats
+
+
+def _backward(
+    adapter: FamilyAdapter, grad: torch.Tensor, inputs: LayerInputs,
+    acts: ActivationStore, work: torch.device, report: Progress,
+) -> dict[int, GradientStats]:
+    """Gradient statistics of every layer, from the top; ``grad`` is dL/d(last layer's output)."""
+    stats: dict[int, GradientStats] = {}
+    total = adapter.num_layers
+    for index in reversed(range(total)):
+        layer = adapter.layers()[index]
+        layer_inputs = acts.get(index, work)
+        with on_device(layer, work):
+            weights = [m.weight for m in adapter.linear_modules(layer).values()]
+            grad = grad_pass.layer_backward(
+                layer, weights, layer_inputs, grad, inputs.batches, [kw[index] for kw in inputs.kwargs]
+            )
+            stats[index] = gradient_stats(adapter, layer)
+            for weight in weights:
+                weight.grad = None
+        del layer_inputs
+        report("gradients", total - index, total)
+    return stats
+
+
+class _measuring:
+    """Eval mode and no parameter gradients while profiling; restores both afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.eval()
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        self.model.train(self.training)
+        return False
+
+
+# ---- assembly ----------------------------------------------------------------------------------
+def _assemble(
+    sources: list[int], previous: SensitivityProfile | None, start: int,
+    fresh: dict[int, ForwardStats], grads: dict[int, GradientStats] | None,
+) -> list[LayerProfile]:
+    layers = []
+    for index, source in enumerate(sources):
+        if index < start:
+            layer = previous.layers[index].model_copy(deep=True, update={"reused": True})
+        else:
+            layer = _forward_record(index, source, fresh[index])
+        layers.append(_with_gradients(layer, grads[index] if grads else None))
+    return _with_zscores(layers)
+
+
+def _forward_record(index: int, source: int, stats: ForwardStats) -> LayerProfile:
+    return LayerProfile(
+        index=index, source=source, params=stats.params, nonzero=stats.nonzero,
+        num_heads=stats.num_heads, num_kv_heads=stats.num_kv_heads,
+        intermediate_size=stats.intermediate_size, block_influence=stats.block_influence,
+        angular_distance=stats.angular_distance, wanda=stats.wanda, wanda_p10=stats.wanda_p10,
+        modules={name: ModuleStats(**values) for name, values in stats.modules.items()},
+        structures=Structures(**stats.structures),
+    )
+
+
+def _with_gradients(layer: LayerProfile, stats: GradientStats | None) -> LayerProfile:
+    if stats is None:
+        empty = {"gradient": None, "taylor": None}
+        modules = {n: m.model_copy(update=empty) for n, m in layer.modules.items()}
+        return layer.model_copy(update={"gradient": None, "taylor": None, "structures_taylor": None,
+                                        "modules": modules})
+    modules = {n: m.model_copy(update=stats.modules[n]) for n, m in layer.modules.items()}
+    return layer.model_copy(update={
+        "gradient": stats.gradient, "taylor": stats.taylor, "modules": modules,
+        "structures_taylor": Structures(**stats.structures),
+    })
+
+
+def _with_zscores(layers: list[LayerProfile]) -> list[LayerProfile]:
+    columns = {name: metrics.zscores([getattr(layer, name) for layer in layers]) for name in METRICS}
+    return [
+        layer.model_copy(update={"z": {name: columns[name][i] for name in METRICS}})
+        for i, layer in enumerate(layers)
+    ]
+
+
+def _super_weights(
+    previous: SensitivityProfile | None, start: int, fresh: dict[int, ForwardStats]
+) -> list[SuperWeight]:
+    kept = [sw for sw in (previous.super_weights if previous else []) if sw.layer < start]
+    return kept + super_weights({i: s.spikes for i, s in fresh.items()})
+
+
+def _model_info(model: nn.Module, adapter: FamilyAdapter, name: str | None) -> ModelInfo:
+    return ModelInfo(
+        name=name, model_type=model.config.model_type, num_layers=adapter.num_layers,
+        hidden_size=adapter.hidden_size, head_dim=adapter.head_dim,
+        prunable_params=sum(m.weight.numel() for layer in adapter.layers()
+                            for m in adapter.linear_modules(layer).values()),
+        fingerprint=model_fingerprint(model),
+    )
+
+
+def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """Cheap identity of a model as it is now: every tensor's name, shape, dtype and a strided sample.
+
+    Changes when any shape changes (structured pruning) and, in practice, when weights are refit;
+    hashing every byte would cost about a second per GB on each profile.
+    """
+    h = hashlib.sha256(model.config.model_type.encode())
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(flat.numel() // samples_per_tensor, 1)
+        sample = flat[::step].to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---- input checks ------------------------------------------------------------------------------
+def _check_windows(windows: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    integer = isinstance(windows, torch.Tensor) and windows.dtype in (torch.int64, torch.int32)
+    if not integer or windows.dim() != 2:
+        raise InputError("calibration windows must be an integer tensor [samples, seqlen]",
+                         "build them with agent_prune.data.corpora.calibration_windows")
+    if windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise InputError(f"calibration windows of shape {tuple(windows.shape)} are too small",
+                         "use at least 1 sample of at least 2 tokens")
+    vocab = model.config.vocab_size
+    if int(windows.max()) >= vocab or int(windows.min()) < 0:
+        raise InputError(f"calibration token ids fall outside the model's vocabulary of {vocab}",
+                         "tokenize the calibration text with this model's tokenizer")
+    return windows.long()
+
+
+def _check_sources(sources: list[int] | None, num_layers: int) -> list[int]:
+    if sources is None:
+        return list(range(num_layers))
+    if len(sources) != num_layers:
+        raise InputError(f"layer_sources has {len(sources)} entries but the model has {num_layers} layers",
+                         "pass one dense-model index per current layer (from the pruning manifest)")
+    return [int(s) for s in sources]
+
+
+def _check_previous(previous: SensitivityProfile | None, start: int, digest: str, sources: list[int]) -> None:
+    if start == 0:
+        return
+    if previous is None:
+        raise InputError(f"start_layer={start} needs the previous profile",
+                         "pass previous=... or start_layer=0")
+    limit = min(len(sources), len(previous.layers))
+    if not 0 < start <= limit:
+        raise InputError(f"start_layer={start} is out of range", f"use 0..{limit}")
+    if previous.calibration.digest != digest:
+        raise InputError("the previous profile used other calibration windows",
+                         "recompute from start_layer=0 or reuse the same windows")
+    if [layer.source for layer in previous.layers[:start]] != sources[:start]:
+        raise InputError(f"layers before {start} are not the ones the previous profile measured",
+                         "pass the first changed layer as start_layer")
