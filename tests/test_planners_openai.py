@@ -8,7 +8,6 @@ import socket
 import time
 
 import pytest
-from chat_server import ChatServer, Reply, completion, error
 
 from agent_prune.agent.planners.base import FailedStep
 from agent_prune.agent.planners.examples import example_context
@@ -16,6 +15,7 @@ from agent_prune.agent.planners.heuristic import heuristic_proposal
 from agent_prune.agent.planners.spec import make_planner
 from agent_prune.agent.proposal import Proposal
 from agent_prune.errors import InputError
+from tests.chat_server import ChatServer, Reply, completion, error
 
 GOOD = {"rationale": "Layer 9 has the lowest block influence.", "depth": {"layers": [9, 5]},
         "width": {"layers": [], "mlp_share": 0.8}}

@@ -55,8 +55,8 @@ def add_run_args(parser) -> None:
     parser.add_argument("--planner-option", action="append", metavar="KEY=VALUE", default=None,
                         help="further planner setting, repeatable: max_repairs, max_retries, "
                              "api_key_env, temperature, seed, max_tokens, structured (openai: auto|"
-                             "json_schema|json_object|json_text), decoding (hf: auto|constrained|"
-                             "skeleton); see docs/planners.md")
+                             "json_schema|json_object|json_text), decoding (hf: skeleton|"
+                             "constrained); see docs/planners.md")
     parser.add_argument("--max-iterations", type=int, help="planner proposals at most (default 40)")
     parser.add_argument("--max-rejections", type=int,
                         help="consecutive rolled-back steps before stopping (default 3)")

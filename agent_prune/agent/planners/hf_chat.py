@@ -8,9 +8,10 @@ replays exactly:
 - ``skeleton``: no extra dependency. We write the JSON skeleton and the model fills in only the
   values (rationale, layer lists, MLP share), each slot decoded token by token under the slot's
   own acceptance rule (``slots.py``), reusing one KV cache for the whole reply.
-``auto`` picks ``constrained`` when outlines imports, else ``skeleton``. Either way the reply is
-validated like any other LLM reply. Only this module of the planners imports torch (lazily, via
-the model loader), per DESIGN.md.
+``skeleton`` is the default: as reliable for this schema, faster here, and the same in every
+environment (a run's behaviour should not depend on which extras happen to be installed). Either
+way the reply is validated like any other LLM reply. Only this module of the planners imports
+torch (lazily, via the model loader), per DESIGN.md.
 """
 
 from __future__ import annotations
@@ -55,15 +56,17 @@ def _object(properties: dict) -> dict:
 
 class HFChat:
     def __init__(self, model: str, *, device: str = "cpu", dtype: str = "float32",
-                 decoding: str = "auto", temperature: float = 0.0, seed: int = 0,
+                 decoding: str = "skeleton", temperature: float = 0.0, seed: int = 0,
                  max_tokens: int = 320, notify: Notify | None = None):
         from agent_prune.models.loading import resolve_model_source
 
-        if decoding not in ("auto", "constrained", "skeleton"):
-            raise InputError(f"unknown decoding mode '{decoding}'", "use auto, constrained or skeleton")
+        if decoding not in ("skeleton", "constrained"):
+            raise InputError(f"unknown decoding mode '{decoding}'", "use skeleton or constrained")
         self.source = resolve_model_source(model)  # a bad path fails now, not at the first step
         self.model_spec, self.device, self.dtype = model, device, dtype
-        self.decoding = _pick_decoding(decoding)
+        self.decoding = decoding
+        if decoding == "constrained":
+            _require_outlines()
         self.temperature, self.seed, self.max_tokens = temperature, seed, max_tokens
         self.notify = notify or logger.warning
         self._loaded = None
@@ -172,14 +175,9 @@ class HFChat:
         return set(self._loaded.tokenizer.all_special_ids)
 
 
-def _pick_decoding(decoding: str) -> str:
-    if decoding == "skeleton":
-        return decoding
+def _require_outlines() -> None:
     try:
         import outlines  # noqa: F401
     except ImportError:
-        if decoding == "constrained":
-            raise InputError("constrained decoding needs outlines",
-                             "pip install 'agent-prune[constrained]' or use decoding=skeleton") from None
-        return "skeleton"
-    return "constrained"
+        raise InputError("constrained decoding needs outlines",
+                         "pip install 'agent-prune[constrained]', or use decoding=skeleton") from None

@@ -41,7 +41,7 @@ class PlannerOptions(BaseModel):
     max_tokens: int = Field(1024, gt=0)
     seed: int | None = None
     structured: str = "auto"  # openai: auto | json_schema | json_object | json_text
-    decoding: str = "auto"  # hf: auto | constrained | skeleton
+    decoding: str = "skeleton"  # hf: skeleton | constrained (needs outlines)
     device: str = "cpu"  # hf
 
 
