@@ -7,9 +7,11 @@ import json
 import pytest
 
 from agent_prune.agent.planners.base import FailedStep
+from agent_prune.agent.planners.budget import open_branches
 from agent_prune.agent.planners.examples import example_context
 from agent_prune.agent.planners.prompting import (
     PROMPT_DIR,
+    branches_line,
     profile_table,
     propose_messages,
     reflect_messages,
@@ -135,8 +137,24 @@ def test_skeleton_follows_branches_and_removable_layers():
     depth = next(p for p in parts if isinstance(p, Slot) and p.min_items == 1)
     assert 0 not in depth.allowed and 3 not in depth.allowed and 11 in depth.allowed
     assert depth.max_items == 2  # twice the layers the step budget allows
+    width = next(p for p in parts if isinstance(p, Slot) and p.allow_empty)
+    assert width.min_items == 3 and width.accepts("]") and not width.accepts("4, 5]")
+    assert width.accepts("4, 5, 6]")
     filled = "".join(p if isinstance(p, str) else {"text": "t", "ints": "5", "share": "1"}[p.kind]
-                     for p in parts)
+                     if p is not width else "" for p in parts)
     assert parse_proposal(json.loads(filled), context).depth.layers == [5]
     width_only = context.model_copy(update={"branches": ["width"]})
     assert '"depth": null' in "".join(p for p in skeleton(ProposalReply, width_only) if isinstance(p, str))
+
+
+def test_proposals_must_fit_the_step_budget():
+    context = example_context(num_layers=12)  # budget: one layer's parameters
+    with pytest.raises(ReplyProblem, match=r"width.layers \[5\] can give only 1,327,104 of the 3,538,944"):
+        parse_proposal({"rationale": "x", "width": {"layers": [5], "mlp_share": 1.0}}, context)
+    assert parse_proposal({"rationale": "x", "width": {"layers": [4, 5, 6], "mlp_share": 1.0}}, context)
+    small = context.model_copy(update={"step_budget_params": 1_000_000})
+    assert open_branches(small) == ["width"] and "depth is not possible" in branches_line(small)
+    with pytest.raises(ReplyProblem, match="depth is not possible this step"):
+        parse_proposal({"rationale": "x", "depth": {"layers": [5]}}, small)
+    assert '"depth": null' in "".join(p for p in skeleton(ProposalReply, small) if isinstance(p, str))
+    assert "at least 3 layers to thin" in propose_messages(context)[1]["content"]

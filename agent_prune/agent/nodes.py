@@ -86,7 +86,7 @@ class LoopNodes:
             target_sparsity=ctx.options.target_sparsity, step_budget_params=budget,
             step_budget_fraction=budget / state["dense"]["prunable"], branches=ctx.options.branches,
             layers=rows, history=history, reflections=state["reflections"][-5:],
-            rejected_layers=state["rejected_layers"],
+            rejected_layers=state["rejected_layers"], hidden_size=ctx.hidden_size, head_dim=ctx.head_dim,
         )
 
     def step_budget(self, state: dict) -> int:

@@ -48,6 +48,8 @@ class PlannerContext(BaseModel):
     history: list[StepRecord] = Field(default_factory=list)
     reflections: list[str] = Field(default_factory=list)
     rejected_layers: list[int] = Field(default_factory=list)  # tried and rolled back this round
+    hidden_size: int | None = None  # lets planners check a width proposal against the step budget
+    head_dim: int | None = None
 
     def layer(self, index: int) -> LayerRow:
         return self.layers[index]

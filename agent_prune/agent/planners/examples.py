@@ -33,5 +33,5 @@ def example_context(num_layers: int = 30, seed: int = 0, history: int = 2,
         target_sparsity=0.25, step_budget_params=SMOLLM2_LAYER_PARAMS,
         step_budget_fraction=SMOLLM2_LAYER_PARAMS / total, layers=rows, history=steps,
         reflections=["Removing layer 3 raised perplexity by 40%; early layers are fragile."],
-        rejected_layers=[3],
+        rejected_layers=[3], hidden_size=576, head_dim=64,
     )

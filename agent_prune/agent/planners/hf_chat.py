@@ -20,6 +20,7 @@ import json
 
 from pydantic import BaseModel
 
+from agent_prune.agent.planners.budget import open_branches, removable_layers, width_min_layers
 from agent_prune.agent.planners.llm import ChatReply, Notify, logger
 from agent_prune.agent.planners.prompting import budget_layers
 from agent_prune.agent.planners.replies import ProposalReply, split_reasoning
@@ -37,16 +38,16 @@ def constrained_schema(reply_model: type[BaseModel], context: PlannerContext) ->
     if reply_model is not ProposalReply:
         return _object({"lesson": {"type": "string", "maxLength": TEXT_CHARS},
                         "avoid_layers": {"type": "array", "items": any_layer, "maxItems": 4}})
-    avoid = set(context.rejected_layers)
-    removable = [r.index for r in context.layers if not r.protected and r.index not in avoid]
+    removable, branches = removable_layers(context), open_branches(context)
     depth_items = {"type": "integer", "enum": removable or list(range(n))}
     k = min(2 * budget_layers(context), len(removable) or 1)
     depth = _object({"layers": {"type": "array", "items": depth_items, "minItems": 1, "maxItems": k}})
-    width = _object({"layers": {"type": "array", "items": any_layer, "maxItems": n},
+    some_layers = {"type": "array", "items": any_layer, "minItems": width_min_layers(context), "maxItems": n}
+    width = _object({"layers": {"anyOf": [{"type": "array", "maxItems": 0}, some_layers]},
                      "mlp_share": {"type": "number", "minimum": 0, "maximum": 1}})
     return _object({"rationale": {"type": "string", "maxLength": TEXT_CHARS},
-                    "depth": depth if "depth" in context.branches else {"type": "null"},
-                    "width": width if "width" in context.branches else {"type": "null"}})
+                    "depth": depth if "depth" in branches else {"type": "null"},
+                    "width": width if "width" in branches else {"type": "null"}})
 
 
 def _object(properties: dict) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 from string import Template
 
 from agent_prune.agent.planners.base import FailedStep
+from agent_prune.agent.planners.budget import open_branches, width_min_layers
 from agent_prune.agent.proposal import PlannerContext, Proposal
 
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "prompts"
@@ -85,6 +86,13 @@ def budget_layers(context: PlannerContext) -> int:
     return max(1, round(context.step_budget_params / per_layer)) if per_layer else 1
 
 
+def branches_line(context: PlannerContext) -> str:
+    line = ", ".join(open_branches(context))
+    if "depth" in context.branches and "depth" not in open_branches(context):
+        line += " (depth is not possible this step: every removable layer is over twice the budget)"
+    return line
+
+
 def propose_messages(context: PlannerContext) -> list[dict]:
     user = template("propose").substitute(
         iteration=context.iteration,
@@ -99,7 +107,8 @@ def propose_messages(context: PlannerContext) -> list[dict]:
         history=history_lines(context),
         reflections=reflection_lines(context),
         rejected_layers=", ".join(map(str, context.rejected_layers)) or "none",
-        branches=", ".join(context.branches),
+        branches=branches_line(context),
+        width_min=width_min_layers(context),
     )
     return _chat(user)
 

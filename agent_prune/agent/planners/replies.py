@@ -13,6 +13,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent_prune.agent.planners.budget import budget_problems
 from agent_prune.agent.proposal import (
     PlannerContext,
     Proposal,
@@ -90,7 +91,7 @@ def parse_proposal(data: dict, context: PlannerContext) -> Proposal:
         proposal = Proposal.model_validate(data)
     except ValidationError as exc:
         raise ReplyProblem(schema_problems(exc)) from None
-    problems = validate_proposal(proposal, context)
+    problems = validate_proposal(proposal, context) or budget_problems(proposal, context)
     if problems:
         raise ReplyProblem(problems)
     return proposal

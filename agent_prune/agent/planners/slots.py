@@ -2,8 +2,9 @@
 
 The skeleton decoder (``hf_chat``) writes the literal JSON itself and lets the model generate only
 inside slots; at each step it takes the most likely token that keeps the slot's text acceptable
-(:meth:`Slot.accepts`), so layer lists hold only layers that exist (depth: only removable ones),
-without repeats and within the step's size, and the MLP share is a number in [0, 1]. Pure string
+(:meth:`Slot.accepts`), so layer lists hold only layers that exist (depth: only removable ones that fit
+the step), without repeats, with enough layers to hold the step (width), and the MLP share is a
+number in [0, 1]. Pure string
 functions, no model here.
 """
 
@@ -15,6 +16,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from agent_prune.agent.planners.budget import (
+    mlp_capacity,
+    open_branches,
+    removable_layers,
+    width_min_layers,
+)
 from agent_prune.agent.planners.prompting import budget_layers
 from agent_prune.agent.planners.replies import ProposalReply
 from agent_prune.agent.proposal import PlannerContext
@@ -29,6 +36,7 @@ class Slot:
     allowed: frozenset[int] = frozenset()  # ints: the values that may appear
     min_items: int = 0
     max_items: int = 0
+    allow_empty: bool = False  # ints: [] is fine besides min_items..max_items values
 
     @property
     def max_tokens(self) -> int:
@@ -74,7 +82,7 @@ class Slot:
         if len(set(values)) != len(values) or len(done) > self.max_items:
             return False
         if closed and last == "":
-            return not done and self.min_items == 0
+            return not done and (self.min_items == 0 or self.allow_empty)
         if last == "":
             return len(done) < self.max_items
         if not last.isdigit() or len(done) + 1 > self.max_items:
@@ -90,17 +98,19 @@ def skeleton(reply_model: type[BaseModel], context: PlannerContext) -> list[str 
     every = frozenset(range(n))
     if reply_model is not ProposalReply:
         return ['{"lesson": "', Slot("text"), '", "avoid_layers": [', Slot("ints", every, 0, 4), "]}"]
-    avoid = set(context.rejected_layers)
-    removable = frozenset(r.index for r in context.layers if not r.protected and r.index not in avoid)
+    branches = open_branches(context)
     parts: list[str | Slot] = ['{"rationale": "', Slot("text"), '", "depth": ']
-    if "depth" in context.branches and removable:
+    if "depth" in branches:
+        removable = frozenset(removable_layers(context))
         depth_items = min(2 * budget_layers(context), len(removable))
         parts += ['{"layers": [', Slot("ints", removable, 1, depth_items), "]}"]
     else:
         parts += ["null"]
     parts += [', "width": ']
-    if "width" in context.branches:
-        parts += ['{"layers": [', Slot("ints", every, 0, n), '], "mlp_share": ', Slot("share"), "}"]
+    if "width" in branches:
+        thinnable = frozenset(r.index for r in context.layers if mlp_capacity(context, r.index) > 0)
+        layers = Slot("ints", thinnable or every, width_min_layers(context), n, allow_empty=True)
+        parts += ['{"layers": [', layers, '], "mlp_share": ', Slot("share"), "}"]
     else:
         parts += ["null"]
     return [*parts, "}"]
