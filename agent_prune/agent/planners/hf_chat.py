@@ -21,7 +21,7 @@ import json
 from pydantic import BaseModel
 
 from agent_prune.agent.planners.budget import open_branches, removable_layers, width_min_layers
-from agent_prune.agent.planners.llm import ChatReply, Notify, logger
+from agent_prune.agent.planners.llm import ChatReply
 from agent_prune.agent.planners.prompting import budget_layers
 from agent_prune.agent.planners.replies import ProposalReply, split_reasoning
 from agent_prune.agent.planners.slots import TEXT_CHARS, Slot, skeleton
@@ -58,7 +58,7 @@ def _object(properties: dict) -> dict:
 class HFChat:
     def __init__(self, model: str, *, device: str = "cpu", dtype: str = "float32",
                  decoding: str = "skeleton", temperature: float = 0.0, seed: int = 0,
-                 max_tokens: int = 320, notify: Notify | None = None):
+                 max_tokens: int = 320):
         from agent_prune.models.loading import resolve_model_source
 
         if decoding not in ("skeleton", "constrained"):
@@ -69,7 +69,6 @@ class HFChat:
         if decoding == "constrained":
             _require_outlines()
         self.temperature, self.seed, self.max_tokens = temperature, seed, max_tokens
-        self.notify = notify or logger.warning
         self._loaded = None
         self._outlines_model = None
 

@@ -96,7 +96,6 @@ def make_planner(spec: str, notify: Notify | None = None, **options) -> Planner:
         from agent_prune.agent.planners.hf_chat import HFChat
 
         backend = HFChat(parsed.model, device=opts.device, decoding=opts.decoding,
-                         temperature=opts.temperature, seed=opts.seed or 0, max_tokens=opts.max_tokens,
-                         notify=notify)
+                         temperature=opts.temperature, seed=opts.seed or 0, max_tokens=opts.max_tokens)
     return LLMPlanner(backend.scrub(spec), backend, HeuristicPlanner(), max_repairs=opts.max_repairs,
                       notify=notify)
