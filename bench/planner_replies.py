@@ -68,8 +68,9 @@ def main() -> None:
         rows.append({"call": call, "kind": "reflect" if call % 4 == 3 else "propose",
                      "status": result.status, "seconds": round(time.monotonic() - start, 2),
                      "attempts": len(result.attempts), "reason": result.fallback_reason, "answer": answer})
+        detail = result.fallback_reason or json.dumps(answer)
         print(f"{call:>3} {rows[-1]['kind']:<8} {result.status:<9} {rows[-1]['seconds']:>6.1f}s "
-              f"{json.dumps(answer)[:100]}", flush=True)
+              f"{detail[:140]}", flush=True)
     counts = collections.Counter(r["status"] for r in rows)
     shares = {s: counts[s] / len(rows) for s in ("valid", "repaired", "fallback")}
     print(" ".join(f"{s} {counts[s]}/{len(rows)} ({shares[s]:.0%})" for s in shares))

@@ -114,7 +114,7 @@ def test_wire_schema_is_strict_friendly():
 def test_int_slot_accepts_only_existing_unique_layers_within_size():
     slot = Slot("ints", frozenset(range(1, 29)), min_items=1, max_items=2)
     accepted = ["", "1", "12", "12,", "12, 5", "12]", "12, 5]"]
-    rejected = ["0", "29", "12, 12", "12, 5,", "]", "1 2", "x"]
+    rejected = ["0", "29", "12, 12", "12, 5,", "]", "1 2", "x", "\n", "12,   ", "  "]
     assert all(slot.accepts(t) for t in accepted)
     assert not any(slot.accepts(t) for t in rejected)
     assert slot.value("12, 5]") == "12, 5" and slot.finished("12, 5]")

@@ -17,6 +17,7 @@ torch (lazily, via the model loader), per DESIGN.md.
 from __future__ import annotations
 
 import json
+from functools import cached_property
 
 from pydantic import BaseModel
 
@@ -28,7 +29,7 @@ from agent_prune.agent.planners.slots import TEXT_CHARS, Slot, skeleton
 from agent_prune.agent.proposal import PlannerContext
 from agent_prune.errors import InputError
 
-CANDIDATES = 64  # tokens tried per step, most likely first, until one keeps the slot valid
+CANDIDATES = 64  # tokens tried first at each step (most likely first) for one that fits the slot
 
 
 def constrained_schema(reply_model: type[BaseModel], context: PlannerContext) -> dict:
@@ -160,19 +161,23 @@ class HFChat:
             fed += 1
         return slot.value(text), fed
 
-    def _candidates(self, logits, generator) -> list[int]:
+    def _candidates(self, logits, generator):
+        """Tokens to try, best first: the top CANDIDATES (sampled order when temperature > 0),
+        then, only if none of them fits the slot, the rest of the vocabulary by logit."""
         import torch
 
         top = torch.topk(logits.float(), CANDIDATES)
         if self.temperature <= 0:
-            return top.indices.tolist()
-        probs = torch.softmax(top.values / self.temperature, dim=-1).cpu()
-        order = torch.multinomial(probs, CANDIDATES, replacement=False, generator=generator)
-        return top.indices.cpu()[order].tolist()
+            yield from top.indices.tolist()
+        else:
+            probs = torch.softmax(top.values / self.temperature, dim=-1).cpu()
+            order = torch.multinomial(probs, CANDIDATES, replacement=False, generator=generator)
+            yield from top.indices.cpu()[order].tolist()
+        yield from torch.argsort(logits.float(), descending=True)[CANDIDATES:].tolist()
 
-    @property
-    def _special(self) -> set[int]:
-        return set(self._loaded.tokenizer.all_special_ids)
+    @cached_property
+    def _special(self) -> frozenset[int]:
+        return frozenset(self._loaded.tokenizer.all_special_ids)
 
 
 def _require_outlines() -> None:

@@ -75,6 +75,8 @@ class Slot:
         return (text, False) if cut < 0 else (text[:cut], True)
 
     def _ints_ok(self, body: str, closed: bool) -> bool:
+        if "\n" in body or "  " in body:  # whitespace alone would let a slot run out of tokens
+            return False
         *done, last = [p.strip() for p in body.split(",")]
         values = [int(p) for p in done if p.isdigit()]
         if len(values) != len(done) or any(v not in self.allowed for v in values):
