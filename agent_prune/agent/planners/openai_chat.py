@@ -47,11 +47,10 @@ class _Fatal(Exception):
 
 
 class OpenAIChat:
-    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
-                 api_key_env: str | None = None, timeout_s: float = 120.0, max_retries: int = 2,
-                 backoff_s: float = 1.0, max_backoff_s: float = 30.0, temperature: float | None = 0.0,
-                 max_tokens: int = 1024, seed: int | None = None, structured: str = "auto",
-                 notify: Notify | None = None):
+    def __init__(self, model: str, *, base_url: str | None = None, api_key_env: str | None = None,
+                 timeout_s: float = 120.0, max_retries: int = 2, backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0, temperature: float | None = 0.0, max_tokens: int = 1024,
+                 seed: int | None = None, structured: str = "auto", notify: Notify | None = None):
         if structured not in ("auto", *MODES):
             raise InputError(f"unknown structured-output mode '{structured}'",
                              f"use auto, {', '.join(MODES)}")
@@ -59,7 +58,7 @@ class OpenAIChat:
         self.hosted = base_url is None
         self.base_url = OPENAI_URL if self.hosted else normalise_base_url(base_url)
         self.api_key_env = api_key_env or (HOSTED_KEY_ENV if self.hosted else SERVER_KEY_ENV)
-        key = api_key or os.environ.get(self.api_key_env) or None
+        key = os.environ.get(self.api_key_env) or None
         if self.hosted and not key:
             raise InputError(f"${self.api_key_env} is not set for planner openai:{model}",
                              f"export {self.api_key_env}=... or use openai:MODEL@URL for a local server")
@@ -88,7 +87,8 @@ class OpenAIChat:
     def chat(self, messages: list[dict], reply_model: type[BaseModel],
              context: PlannerContext) -> ChatReply:
         failed: list[Attempt] = []
-        for try_ in range(self.max_retries + 1):
+        try_ = 0
+        while True:
             start = time.monotonic()
             try:
                 reply = self._request(messages, reply_model)
@@ -105,10 +105,10 @@ class OpenAIChat:
                 self.notify(f"planner openai:{self.model}: {message}; retrying in {delay:.1f} s "
                             f"({try_ + 1}/{self.max_retries})")
                 time.sleep(delay)
+                try_ += 1
                 continue
             reply.failed_tries = failed
             return reply
-        raise AssertionError("unreachable")
 
     def _delay(self, try_: int, retry_after: float | None) -> float:
         delay = retry_after if retry_after is not None else self.backoff_s * 2 ** try_
