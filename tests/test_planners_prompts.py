@@ -25,7 +25,7 @@ from agent_prune.agent.planners.replies import (
     parse_proposal,
     split_reasoning,
 )
-from agent_prune.agent.planners.slots import Slot, skeleton
+from agent_prune.agent.planners.slots import Slot, context_schema, skeleton
 from agent_prune.agent.proposal import Proposal
 
 
@@ -158,3 +158,15 @@ def test_proposals_must_fit_the_step_budget():
         parse_proposal({"rationale": "x", "depth": {"layers": [5]}}, small)
     assert '"depth": null' in "".join(p for p in skeleton(ProposalReply, small) if isinstance(p, str))
     assert "at least 3 layers to thin" in propose_messages(context)[1]["content"]
+
+
+def test_context_schema_carries_the_same_limits():
+    context = example_context(num_layers=12)
+    schema = context_schema(ProposalReply, context)["properties"]
+    assert schema["depth"]["properties"]["layers"]["items"]["enum"] == [1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+    width = schema["width"]["properties"]
+    assert width["layers"]["anyOf"][1]["minItems"] == 3 and width["mlp_share"]["enum"][-1] == 1.0
+    small = context.model_copy(update={"step_budget_params": 1_000_000})
+    assert context_schema(ProposalReply, small)["properties"]["depth"] == {"type": "null"}
+    lesson = context_schema(ReflectionReply, context)["properties"]
+    assert lesson["avoid_layers"]["items"]["enum"] == list(range(12))

@@ -21,39 +21,13 @@ from functools import cached_property
 
 from pydantic import BaseModel
 
-from agent_prune.agent.planners.budget import open_branches, removable_layers, width_min_layers
 from agent_prune.agent.planners.llm import ChatReply
-from agent_prune.agent.planners.prompting import budget_layers
-from agent_prune.agent.planners.replies import ProposalReply, split_reasoning
-from agent_prune.agent.planners.slots import TEXT_CHARS, Slot, skeleton
+from agent_prune.agent.planners.replies import split_reasoning
+from agent_prune.agent.planners.slots import Slot, context_schema, skeleton
 from agent_prune.agent.proposal import PlannerContext
 from agent_prune.errors import InputError
 
 CANDIDATES = 64  # tokens tried first at each step (most likely first) for one that fits the slot
-
-
-def constrained_schema(reply_model: type[BaseModel], context: PlannerContext) -> dict:
-    """JSON schema for constrained decoding: only layers that exist, bounded lists and text."""
-    n = context.num_layers
-    any_layer = {"type": "integer", "enum": list(range(n))}
-    if reply_model is not ProposalReply:
-        return _object({"lesson": {"type": "string", "maxLength": TEXT_CHARS},
-                        "avoid_layers": {"type": "array", "items": any_layer, "maxItems": 4}})
-    removable, branches = removable_layers(context), open_branches(context)
-    depth_items = {"type": "integer", "enum": removable or list(range(n))}
-    k = min(2 * budget_layers(context), len(removable) or 1)
-    depth = _object({"layers": {"type": "array", "items": depth_items, "minItems": 1, "maxItems": k}})
-    some_layers = {"type": "array", "items": any_layer, "minItems": width_min_layers(context), "maxItems": n}
-    width = _object({"layers": {"anyOf": [{"type": "array", "maxItems": 0}, some_layers]},
-                     "mlp_share": {"type": "number", "minimum": 0, "maximum": 1}})
-    return _object({"rationale": {"type": "string", "maxLength": TEXT_CHARS},
-                    "depth": depth if "depth" in branches else {"type": "null"},
-                    "width": width if "width" in branches else {"type": "null"}})
-
-
-def _object(properties: dict) -> dict:
-    return {"type": "object", "properties": properties, "required": list(properties),
-            "additionalProperties": False}
 
 
 class HFChat:
@@ -85,7 +59,7 @@ class HFChat:
         loaded = self._load()
         prompt = loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if self.decoding == "constrained":
-            text = self._constrained(prompt, constrained_schema(reply_model, context))
+            text = self._constrained(prompt, context_schema(reply_model, context))
         else:
             text = self._fill(prompt, skeleton(reply_model, context))
         answer, thoughts = split_reasoning(text)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from agent_prune.agent.planners.base import Attempt
 from agent_prune.agent.planners.llm import ChatReply, Notify, logger
 from agent_prune.agent.planners.replies import split_reasoning
+from agent_prune.agent.planners.slots import context_schema
 from agent_prune.agent.proposal import PlannerContext
 from agent_prune.errors import InputError
 
@@ -32,7 +33,8 @@ HOSTED_KEY_ENV = "OPENAI_API_KEY"
 SERVER_KEY_ENV = "AGENT_PRUNE_PLANNER_API_KEY"
 _SAMPLING_PARAMS = ("temperature", "seed", "max_tokens", "max_completion_tokens")
 # Ways to ask for JSON, strictest first: OpenAI json_schema (OpenAI, Ollama, vLLM, llama.cpp's C++
-# server, LM Studio), json_object with a schema (llama-cpp-python turns it into a grammar), plain text.
+# server, LM Studio), json_object with this context's schema (llama-cpp-python turns it into a
+# grammar: only layers that exist, depth closed when nothing fits), plain text.
 MODES = ("json_schema", "json_object", "json_text")
 
 
@@ -91,7 +93,7 @@ class OpenAIChat:
         while True:
             start = time.monotonic()
             try:
-                reply = self._request(messages, reply_model)
+                reply = self._request(messages, reply_model, context)
             except _Fatal as exc:
                 return ChatReply(failure=self.scrub(str(exc)), mode=self._mode, failed_tries=failed)
             except _Transient as exc:
@@ -114,7 +116,8 @@ class OpenAIChat:
         delay = retry_after if retry_after is not None else self.backoff_s * 2 ** try_
         return min(max(delay, 0.0), self.max_backoff_s)
 
-    def _request(self, messages: list[dict], reply_model: type[BaseModel]) -> ChatReply:
+    def _request(self, messages: list[dict], reply_model: type[BaseModel],
+                 context: PlannerContext) -> ChatReply:
         while True:
             kwargs = {k: v for k, v in self.sampling.items() if v is not None}
             kwargs.update(model=self.model, messages=messages)
@@ -123,7 +126,7 @@ class OpenAIChat:
                 if self._mode == "json_schema":
                     return self._read(completions.parse(response_format=reply_model, **kwargs))
                 if self._mode == "json_object":
-                    schema = {"type": "json_object", "schema": reply_model.model_json_schema()}
+                    schema = {"type": "json_object", "schema": context_schema(reply_model, context)}
                     return self._read(completions.create(response_format=schema, **kwargs))
                 return self._read(completions.create(**kwargs))
             except openai.APIStatusError as exc:

@@ -116,3 +116,31 @@ def skeleton(reply_model: type[BaseModel], context: PlannerContext) -> list[str 
     else:
         parts += ["null"]
     return [*parts, "}"]
+
+
+def context_schema(reply_model: type[BaseModel], context: PlannerContext) -> dict:
+    """The same limits as the skeleton, as a JSON schema for grammar-constrained decoders (outlines
+    in-process, llama-cpp-python's ``json_object`` + ``schema``): layer enums, bounded lists and
+    text, and the MLP share as one of five values (grammars do not enforce numeric bounds)."""
+    n = context.num_layers
+    any_layer = {"type": "integer", "enum": list(range(n))}
+    if reply_model is not ProposalReply:
+        return _object({"lesson": {"type": "string", "maxLength": TEXT_CHARS},
+                        "avoid_layers": {"type": "array", "items": any_layer, "maxItems": 4}})
+    branches, removable = open_branches(context), removable_layers(context)
+    k = min(2 * budget_layers(context), len(removable) or 1)
+    depth = _object({"layers": {"type": "array", "items": {"type": "integer", "enum": removable or [0]},
+                                "minItems": 1, "maxItems": k}})
+    thinnable = [r.index for r in context.layers if mlp_capacity(context, r.index) > 0] or list(range(n))
+    some = {"type": "array", "items": {"type": "integer", "enum": thinnable},
+            "minItems": width_min_layers(context), "maxItems": n}
+    width = _object({"layers": {"anyOf": [{"type": "array", "maxItems": 0}, some]},
+                     "mlp_share": {"type": "number", "enum": [0.0, 0.25, 0.5, 0.75, 1.0]}})
+    return _object({"rationale": {"type": "string", "maxLength": TEXT_CHARS},
+                    "depth": depth if "depth" in branches else {"type": "null"},
+                    "width": width if "width" in branches else {"type": "null"}})
+
+
+def _object(properties: dict) -> dict:
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
