@@ -132,9 +132,10 @@ def context_schema(reply_model: type[BaseModel], context: PlannerContext) -> dic
     depth = _object({"layers": {"type": "array", "items": {"type": "integer", "enum": removable or [0]},
                                 "minItems": 1, "maxItems": k}})
     thinnable = [r.index for r in context.layers if mlp_capacity(context, r.index) > 0] or list(range(n))
-    some = {"type": "array", "items": {"type": "integer", "enum": thinnable},
-            "minItems": width_min_layers(context), "maxItems": n}
-    width = _object({"layers": {"anyOf": [{"type": "array", "maxItems": 0}, some]},
+    item = {"type": "integer", "enum": thinnable}
+    some = {"type": "array", "items": item, "minItems": width_min_layers(context), "maxItems": n}
+    none = {"type": "array", "items": item, "maxItems": 0}  # without items grammars allow any list
+    width = _object({"layers": {"anyOf": [none, some]},
                      "mlp_share": {"type": "number", "enum": [0.0, 0.25, 0.5, 0.75, 1.0]}})
     return _object({"rationale": {"type": "string", "maxLength": TEXT_CHARS},
                     "depth": depth if "depth" in branches else {"type": "null"},
