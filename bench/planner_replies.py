@@ -4,7 +4,7 @@
         --planner hf:../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
         --calls 24 --out bench/results/planner_replies_hf_skeleton.json
     python bench/planner_replies.py --planner openai:smollm2@http://127.0.0.1:8765/v1 \
-        --option structured=json_object --calls 12
+        --option structured=json_object --calls 8
 
 Contexts are synthetic (``example_context``: the shared model's shape, seeded z-scores), varied
 per call: seed = call index, 30 down to 24 layers, 0-3 accepted steps, the step budget one layer
