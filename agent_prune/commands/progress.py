@@ -37,9 +37,9 @@ class RichReporter(Reporter):
         self.dense: dict = {}
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                              TimeRemainingColumn(), console=stderr_console, transient=True)
-        self.live = Live(self._render(), console=stderr_console, refresh_per_second=4,
-                         transient=False)
-        self.live.start()
+        # Started on the first update, so that input errors print without an empty panel.
+        self.live = Live(console=stderr_console, refresh_per_second=4, transient=False)
+        self.live_started = False
 
     # ---- Reporter callbacks -------------------------------------------------------------------
     def started(self, options, dense: dict) -> None:
@@ -69,12 +69,12 @@ class RichReporter(Reporter):
         self._set(stage)
 
     def warn(self, message: str) -> None:
-        self.live.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+        stderr_console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
     def task(self, description: str, total: int | None = None):
         task = self.bars.add_task(description, total=total)
         done = [0]
-        self.live.update(self._render())
+        self._update()
 
         def advance(n: int = 1) -> None:
             done[0] += n
@@ -82,17 +82,25 @@ class RichReporter(Reporter):
                 self.bars.remove_task(task)
             else:
                 self.bars.advance(task, n)
-            self.live.update(self._render())
+            self._update()
 
         return advance
 
     def close(self) -> None:
-        self.live.stop()
+        if self.live_started:
+            self.live.stop()
+            stderr_console.line()
+
+    def _update(self) -> None:
+        if not self.live_started:
+            self.live.start()
+            self.live_started = True
+        self.live.update(self._render())
 
     # ---- rendering ----------------------------------------------------------------------------
     def _set(self, status: str) -> None:
         self.status = status
-        self.live.update(self._render())
+        self._update()
 
     def _render(self):
         elapsed = time.monotonic() - self.started_at

@@ -21,5 +21,6 @@ def tiny_run_options(tmp: Path, **overrides) -> RunOptions:
         seqlen=32, eval_windows=4, probe_limit=8, kl_windows=2, calib_samples=4,
         final_eval={"windows": 4, "seqlen": 32, "freebaseqa_limit": 8, "arc_limit": 8, "speed": True},
     )
+    values["final_eval"] = {**values["final_eval"], **overrides.pop("final_eval", {})}
     values.update(overrides)
     return RunOptions.model_validate(values)

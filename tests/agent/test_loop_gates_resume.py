@@ -1,0 +1,78 @@
+"""Gate violations roll back and reflect; a killed run resumes to the same accepted steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent_prune.agent.session import resume_run, start_run
+from agent_prune.agent.trace import read_trace
+from tests.agent.loop_fixtures import tiny_run_options
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def accepted_steps(run_dir: Path) -> list[tuple]:
+    return [(r["iteration"], r["branch"]) for r in read_trace(run_dir / "trace.jsonl")
+            if r["event"] == "decision" and r["accepted"]]
+
+
+def test_forced_gate_violation_reflects_rolls_back_and_finishes(tmp_path):
+    # Every step raises in-loop perplexity a little; a gate of 0 (with z=0) rejects any rise.
+    options = tiny_run_options(tmp_path, gates={"max_step_ppl_increase": 0.0, "z": 0.0},
+                               max_rejections=2, final_eval={"windows": 0, "speed": False})
+    summary = start_run(options)
+    events = read_trace(Path(options.out) / "trace.jsonl")
+    kinds = [e["event"] for e in events]
+    rejected = [e for e in events if e["event"] == "decision" and not e["accepted"]]
+    assert rejected, "the zero gate should reject at least one step"
+    assert "FAIL" in rejected[0]["reason"]
+    assert "reflection" in kinds and "rollback" in kinds
+    rollback = next(e for e in events if e["event"] == "rollback")
+    accepted_before = [e for e in events if e["event"] == "decision" and e["accepted"]
+                       and e["iteration"] < rollback["iteration"]]
+    assert rollback["to_step"] == len(accepted_before)  # back to the last good step
+    assert summary["status"] in ("no_acceptable_step", "target_reached", "max_iterations")
+    assert "finish" in kinds
+    # The plan after a rejection sees the reflection and the layers it must avoid.
+    plans = [e for e in events if e["event"] == "plan"]
+    assert any(p["context"]["reflections"] for p in plans[1:])
+
+
+def _config(options, path: Path) -> Path:
+    path.write_text(json.dumps(options.model_dump()))
+    return path
+
+
+def test_killed_run_resumes_to_the_same_accepted_steps(tmp_path):
+    reference = tiny_run_options(tmp_path / "a", final_eval={"windows": 0, "speed": False})
+    start_run(reference)
+    expected = accepted_steps(Path(reference.out))
+    assert len(expected) >= 2
+
+    killed = tiny_run_options(tmp_path / "b", final_eval={"windows": 0, "speed": False})
+    script = ("import json,sys; from agent_prune.agent.options import RunOptions; "
+              "from agent_prune.agent.session import start_run; "
+              "start_run(RunOptions.model_validate(json.loads(sys.argv[1])))")
+    env = {**os.environ, "AGENT_PRUNE_TEST_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(killed.model_dump())], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trace = Path(killed.out) / "trace.jsonl"
+    deadline = time.monotonic() + 300
+    # Kill in the middle of the second iteration: after its candidates are built, before a decision.
+    while time.monotonic() < deadline and proc.poll() is None:
+        events = read_trace(trace) if trace.is_file() else []
+        if any(e["event"] == "candidate_built" and e["iteration"] == 2 for e in events):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    summary = resume_run(killed.out)
+    assert summary["status"] == "target_reached"
+    assert accepted_steps(Path(killed.out)) == expected
+    events = [e["event"] for e in read_trace(trace)]
+    assert "resume" in events
