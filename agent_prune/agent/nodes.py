@@ -29,8 +29,9 @@ class LoopNodes:
         ctx = self.ctx
         with Stopwatch() as watch:
             dense = ctx.commit_dense()
+        planner = getattr(ctx.planner, "describe", lambda: {"planner": ctx.options.planner})()
         ctx.trace.event("start", duration_s=watch.seconds, options=ctx.options.model_dump(),
-                        dense=dense)
+                        planner=planner, dense=dense)
         ctx.reporter.started(ctx.options, dense)
         return {
             "status": "running", "iteration": 0, "dense": dense,
@@ -65,12 +66,10 @@ class LoopNodes:
             result = ctx.planner.propose(context)
         ctx.trace.event(
             "plan", iteration=iteration, duration_s=watch.seconds, planner=result.planner,
-            status=result.status, fallback=result.fallback, context=context.model_dump(),
+            status=result.status, fallback=result.fallback, fallback_reason=result.fallback_reason,
+            context=context.model_dump(),
             attempts=[a.model_dump() for a in result.attempts], proposal=result.proposal.model_dump(),
         )
-        for attempt in result.attempts:
-            if attempt.error:
-                ctx.reporter.warn(f"planner: {attempt.error}")
         return {"iteration": iteration, "proposal": result.proposal.model_dump(),
                 "planner_status": result.status,
                 "budget": {"params": context.step_budget_params,
@@ -87,7 +86,7 @@ class LoopNodes:
             target_sparsity=ctx.options.target_sparsity, step_budget_params=budget,
             step_budget_fraction=budget / state["dense"]["prunable"], branches=ctx.options.branches,
             layers=rows, history=history, reflections=state["reflections"][-5:],
-            rejected_layers=state["rejected_layers"],
+            rejected_layers=state["rejected_layers"], hidden_size=ctx.hidden_size, head_dim=ctx.head_dim,
         )
 
     def step_budget(self, state: dict) -> int:
@@ -208,7 +207,8 @@ class LoopNodes:
             result = ctx.planner.reflect(context, failed)
         lesson = result.reflection.lesson
         ctx.trace.event("reflection", iteration=iteration, duration_s=watch.seconds,
-                        planner=result.planner, status=result.status, lesson=lesson,
+                        planner=result.planner, status=result.status, fallback=result.fallback,
+                        fallback_reason=result.fallback_reason, lesson=lesson,
                         avoid_layers=result.reflection.avoid_layers,
                         attempts=[a.model_dump() for a in result.attempts])
         avoid = sorted(set(state["rejected_layers"]) | set(result.reflection.avoid_layers))

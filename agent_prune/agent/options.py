@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -42,7 +42,10 @@ class RunOptions(BaseModel):
     target_sparsity: float = Field(gt=0.0, lt=1.0)
     planner: str = "heuristic"
     planner_base_url: str | None = None
-    planner_timeout: float = 60.0
+    planner_timeout: float = Field(120.0, gt=0)
+    planner_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="further planner settings (agent_prune.agent.planners.spec.PlannerOptions)")
     max_iterations: int = Field(40, ge=1)
     max_rejections: int = Field(3, ge=1)
     step_fraction: float | None = Field(None, gt=0.0, lt=1.0,

@@ -48,6 +48,8 @@ class PlannerContext(BaseModel):
     history: list[StepRecord] = Field(default_factory=list)
     reflections: list[str] = Field(default_factory=list)
     rejected_layers: list[int] = Field(default_factory=list)  # tried and rolled back this round
+    hidden_size: int | None = None  # lets planners check a width proposal against the step budget
+    head_dim: int | None = None
 
     def layer(self, index: int) -> LayerRow:
         return self.layers[index]
@@ -107,6 +109,9 @@ def validate_proposal(proposal: Proposal, context: PlannerContext) -> list[str]:
             problems.append("depth.layers repeats a layer")
         if set(layers) & protected:
             problems.append(f"depth.layers {sorted(set(layers) & protected)} are protected")
+        if set(layers) & set(context.rejected_layers):
+            problems.append(f"depth.layers {sorted(set(layers) & set(context.rejected_layers))} were "
+                            "just rolled back; choose other layers")
         if len(set(layers)) >= n:
             problems.append("depth.layers would remove every layer")
     if proposal.width is not None:
@@ -117,4 +122,16 @@ def validate_proposal(proposal: Proposal, context: PlannerContext) -> list[str]:
             problems.append(f"width.layers {bad} do not exist (valid: 0..{n - 1})")
         if len(set(proposal.width.layers)) != len(proposal.width.layers):
             problems.append("width.layers repeats a layer")
+    return problems
+
+
+def validate_reflection(reflection: Reflection, context: PlannerContext) -> list[str]:
+    """Problems that make ``reflection`` unusable in ``context`` (empty list = valid)."""
+    problems: list[str] = []
+    if not reflection.lesson.strip():
+        problems.append("lesson is empty")
+    n = context.num_layers
+    bad = [i for i in reflection.avoid_layers if not 0 <= i < n]
+    if bad:
+        problems.append(f"avoid_layers {bad} do not exist (valid: 0..{n - 1})")
     return problems

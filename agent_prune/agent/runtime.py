@@ -16,7 +16,21 @@ from torch import nn
 from agent_prune.agent.options import RunOptions
 from agent_prune.agent.trace import TraceWriter
 from agent_prune.checkpoints.store import CheckpointStore, read_state_dir, write_state_dir
+from agent_prune.errors import InputError
 from agent_prune.io import atomic_write_json, read_json
+
+
+def planner_settings(options: RunOptions) -> dict:
+    """The run options that configure the planner, as ``make_planner`` keywords."""
+    clash = {"base_url", "timeout_s"} & set(options.planner_options)
+    if clash:
+        raise InputError(f"planner option {sorted(clash)[0]} has its own setting",
+                         "use --planner-base-url / --planner-timeout (planner_base_url / "
+                         "planner_timeout in a config file)")
+    settings = {**options.planner_options, "timeout_s": options.planner_timeout}
+    if options.planner_base_url:
+        settings["base_url"] = options.planner_base_url
+    return settings
 
 
 class Reporter:
@@ -65,8 +79,8 @@ class RunContext:
     def planner(self):
         from agent_prune.agent.planners.spec import make_planner
 
-        return make_planner(self.options.planner, base_url=self.options.planner_base_url,
-                            timeout=self.options.planner_timeout, console=self.reporter.warn)
+        return make_planner(self.options.planner, notify=self.reporter.warn,
+                            **planner_settings(self.options))
 
     @cached_property
     def calibration(self):

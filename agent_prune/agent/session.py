@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent_prune import __version__
 from agent_prune.agent.options import RunOptions
-from agent_prune.agent.runtime import Reporter, RunContext
+from agent_prune.agent.runtime import Reporter, RunContext, planner_settings
 from agent_prune.data.sources import resolve_data_dir
 from agent_prune.errors import InputError
 from agent_prune.io import atomic_write_json, read_json
@@ -27,8 +27,7 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
     resolve_data_dir(options.data_dir)
     from agent_prune.agent.planners.spec import make_planner
 
-    make_planner(options.planner, base_url=options.planner_base_url, timeout=options.planner_timeout,
-                 check_only=True)
+    make_planner(options.planner, **planner_settings(options))  # a bad spec or option fails here
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / RUN_FILE, {
         "agent_prune_version": __version__,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def add_run_args(parser) -> None:
                         help="fraction of prunable parameters to remove, e.g. 0.2")
     parser.add_argument("--planner", help="heuristic | openai:MODEL[@URL] | hf:PATH_OR_ID")
     parser.add_argument("--planner-base-url", help="OpenAI-compatible server URL for the planner")
-    parser.add_argument("--planner-timeout", type=float, help="seconds per planner request")
+    parser.add_argument("--planner-timeout", type=float, help="seconds per planner request (default 120)")
+    parser.add_argument("--planner-option", action="append", metavar="KEY=VALUE", default=None,
+                        help="further planner setting, repeatable: max_repairs, max_retries, "
+                             "api_key_env, temperature, seed, max_tokens, structured (openai: auto|"
+                             "json_schema|json_object|json_text), decoding (hf: skeleton|"
+                             "constrained); see docs/planners.md")
     parser.add_argument("--max-iterations", type=int, help="planner proposals at most (default 40)")
     parser.add_argument("--max-rejections", type=int,
                         help="consecutive rolled-back steps before stopping (default 3)")
@@ -88,6 +94,9 @@ def options_from_args(args):
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
+    if getattr(args, "planner_option", None):
+        values["planner_options"] = {**values.get("planner_options", {}),
+                                     **parse_key_values(args.planner_option)}
     if args.branches:
         values["branches"] = [b.strip() for b in args.branches.split(",") if b.strip()]
     gates = dict(values.get("gates", {}))
@@ -106,6 +115,21 @@ def options_from_args(args):
         return RunOptions.model_validate(values)
     except ValidationError as exc:
         raise InputError(validation_message(exc), "see agent-prune run --help") from None
+
+
+def parse_key_values(items: list[str]) -> dict:
+    """``["max_repairs=1", "api_key_env=VLLM_KEY"]`` -> dict; JSON values (numbers, true) parsed."""
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--planner-option '{item}' is not KEY=VALUE",
+                             "e.g. --planner-option max_repairs=1")
+        try:
+            parsed[key.strip().replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[key.strip().replace("-", "_")] = raw
+    return parsed
 
 
 def run(args) -> int:

@@ -56,6 +56,8 @@ def render_iteration(iteration: int, events: list[dict]) -> Panel:
             fallback = f" -> fallback {event['fallback']}" if event.get("fallback") else ""
             lines.append(Text(f"planner {event.get('planner')} ({status}{fallback}, "
                               f"{event.get('duration_s', 0):.1f}s)", style="bold"))
+            if event.get("fallback_reason"):
+                lines.append(Text(f"  fallback because: {event['fallback_reason']}", style="yellow"))
             proposal = event.get("proposal") or {}
             lines.append(Text(f"  rationale: {proposal.get('rationale', '')}"))
             lines.append(Text(f"  proposal: {describe_proposal(proposal)}"))
@@ -74,7 +76,8 @@ def render_iteration(iteration: int, events: list[dict]) -> Panel:
             verdict = f"accepted {event.get('branch')}" if event.get("accepted") else "rejected"
             lines.append(Text(f"  decision: {verdict}: {event.get('reason', '')}", style=style))
         elif kind == "reflection":
-            lines.append(Text(f"  reflection: {event.get('lesson', '')}", style="magenta"))
+            by = f" ({event['status']})" if event.get("status") not in (None, "valid") else ""
+            lines.append(Text(f"  reflection{by}: {event.get('lesson', '')}", style="magenta"))
         elif kind == "rollback":
             lines.append(Text(f"  rollback to step {event.get('to_step')}", style="red"))
     return Panel(Group(*lines), title=f"iteration {iteration}", title_align="left")

@@ -23,6 +23,7 @@ class Attempt(BaseModel):
     reasoning: str | None = None
     error: str | None = None
     duration_s: float = 0.0
+    mode: str | None = None  # how the reply was obtained: json_schema, json_text, constrained, skeleton
 
 
 class PlannerResult(BaseModel):
@@ -31,13 +32,16 @@ class PlannerResult(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
     status: str = "valid"  # "valid" | "repaired" | "fallback"
     fallback: str | None = None  # name of the planner that produced the proposal after a failure
+    fallback_reason: str | None = None  # one line: why the first planner's answer was not used
 
 
 class ReflectionResult(BaseModel):
     planner: str
     reflection: Reflection
     attempts: list[Attempt] = Field(default_factory=list)
-    status: str = "valid"
+    status: str = "valid"  # "valid" | "repaired" | "fallback"
+    fallback: str | None = None
+    fallback_reason: str | None = None
 
 
 class FailedStep(BaseModel):

@@ -39,6 +39,9 @@ class HeuristicPlanner:
     def __init__(self, spare_z: float = 1.0):
         self.spare_z = spare_z
 
+    def describe(self) -> dict:
+        return {"planner": self.name, "spare_z": self.spare_z}
+
     def propose(self, context: PlannerContext) -> PlannerResult:
         proposal = heuristic_proposal(context, self.spare_z)
         return PlannerResult(planner=self.name, proposal=proposal,
