@@ -1,0 +1,326 @@
+"""agent-prune against classic structured pruning at the same sizes, one command (issue 8).
+
+    nice python -m bench.compare --data-dir ../shared/data \\
+        --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+
+Prunes to each target (default 10/20/30% of prunable parameters) with ShortGPT, uniform Wanda-sp,
+the MoP fixed rule and agent-prune (heuristic planner; ``--llm-planner SPEC`` adds a row), each in
+its own worker process; then replays, exports, reloads and evaluates every result with one protocol,
+measures speed per target in one process, and writes the JSON, the doc section and the plot.
+
+Resumable: finished pruning runs (state directories under ``--work``) and evaluated rows (in the
+JSON) are reused; rerunning the command after a crash redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from agent_prune.io import atomic_write_json, read_json
+from bench.compare import report
+from bench.compare.evaluate import Protocol
+from bench.compare.prune import Calibration
+
+ONE_SHOT_METHODS = ("shortgpt", "wanda_sp")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model (.gguf, HF folder)")
+    p.add_argument("--data-dir", required=True, help="local data directory (WikiText-2, C4, FreebaseQA, ARC)")
+    p.add_argument("--targets", default="0.1,0.2,0.3", help="comma list of sparsity targets")
+    p.add_argument("--methods", default="shortgpt,wanda_sp,mop,agent", help="comma list of methods")
+    p.add_argument("--one-shot-recovery", default="none,reconstruct",
+                   help="recovery settings for ShortGPT and Wanda-sp (none, reconstruct)")
+    p.add_argument("--loop-recovery", default="reconstruct", choices=("none", "reconstruct"),
+                   help="recovery after each step of MoP and agent-prune")
+    p.add_argument("--planner", default="heuristic", help="agent-prune planner of the main agent row")
+    p.add_argument("--llm-planner", help="an extra agent-prune row with this planner "
+                                         "(openai:MODEL@URL or hf:PATH)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (evaluation and calibration)")
+    p.add_argument("--calib-samples", type=int, default=16,
+                   help="C4 calibration windows for every method (the agent loop's default)")
+    p.add_argument("--agent-option", action="append", default=[], metavar="KEY=JSON",
+                   help="extra agent-prune RunOptions field, e.g. eval_windows=4 (repeatable)")
+    p.add_argument("--windows", type=int, default=32, help="WikiText-2 test windows")
+    p.add_argument("--freebaseqa", type=int, default=300, help="FreebaseQA dev questions")
+    p.add_argument("--arc", type=int, default=300, help="ARC-Easy validation items")
+    p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--work", default="runs/compare", help="pruned states, runs and exports (large)")
+    p.add_argument("--json-out", default="bench/results/compare.json")
+    p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file whose section is rewritten")
+    p.add_argument("--plot", default="docs/compare.png")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = time.perf_counter()
+    work, out = Path(args.work), Path(args.json_out)
+    targets = [float(t) for t in args.targets.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    protocol = Protocol(seqlen=args.seqlen, windows=args.windows, freebaseqa=args.freebaseqa,
+                        arc_easy=args.arc)
+    result = read_json(out) if out.is_file() else {}
+    if result.get("protocol", {}).get("eval") != protocol.model_dump():
+        result = {}  # another protocol: nothing cached applies
+    calibration = Calibration(args.calib_samples, args.seqlen)
+    result.update(command="python -m bench.compare " + shlex.join(argv),
+                  protocol=_protocol(protocol, calibration),
+                  machine=_machine(result.get("machine")))
+    result.setdefault("rows", {})
+    jobs = plan_rows(args, targets, methods, work)
+    for job in jobs:
+        job.prune(args)
+    rows = {row["id"]: row for job in jobs for row in job.rows(targets)}
+    evaluate_all(args, result, rows, work, protocol, out)
+    if not args.no_speed:
+        measure_speeds(result, targets, work)
+    result["verdicts"] = paired_verdicts(result, work)
+    result["wall_seconds"] = round(result.get("wall_seconds_before", 0.0) + time.perf_counter() - started, 1)
+    result["wall_seconds_before"] = result["wall_seconds"]
+    result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(out, result)
+    write_outputs(args, result)
+    print(report.tables(result))
+    return result
+
+
+# ---- pruning jobs ---------------------------------------------------------------------------------
+def worker(args, job: str, out: Path, target: float, **extra) -> None:
+    command = [sys.executable, "-m", "bench.compare.worker", job, "--model", args.model,
+               "--data-dir", args.data_dir, "--out", str(out), "--target", str(target)]
+    extra = {"seqlen": args.seqlen, "calib-samples": args.calib_samples, **extra}
+    for key, value in extra.items():
+        command += [f"--{key}", str(value)]
+    print("+ " + shlex.join(command[1:]), file=sys.stderr, flush=True)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    subprocess.run(command, check=True, env=env)
+
+
+class OneShotJob:
+    def __init__(self, method: str, recovery: str, work: Path):
+        self.method, self.recovery, self.work = method, recovery, work
+
+    def state(self, target: float) -> Path:
+        return self.work / "states" / f"{self.method}-{self.recovery}-{target:g}"
+
+    def prune(self, args) -> None:
+        for target in [float(t) for t in args.targets.split(",")]:
+            if not (self.state(target) / "record.json").is_file():
+                worker(args, "oneshot", self.state(target), target, method=self.method,
+                       recovery=self.recovery)
+
+    def rows(self, targets: list[float]) -> list[dict]:
+        rows = []
+        for target in targets:
+            record = read_json(self.state(target) / "record.json")
+            rows.append({"id": f"{self.method}/{self.recovery}/{target:g}", "method": self.method,
+                         "recovery": self.recovery, "target": target, "state": str(self.state(target)),
+                         "cost": record["cost"], "actions": record.get("actions")})
+        return rows
+
+
+class LoopJob:
+    """MoP or agent-prune: one run to the largest target; each target takes its nearest step."""
+
+    def __init__(self, method: str, recovery: str, work: Path, planner: str | None = None):
+        self.method, self.recovery, self.planner = method, recovery, planner
+        slug = "" if planner is None else "-" + "".join(c if c.isalnum() else "_" for c in planner)[:40]
+        self.dir = work / f"{method}{slug}-{recovery}"
+
+    def prune(self, args) -> None:
+        target = max(float(t) for t in args.targets.split(","))
+        if self.method == "mop":
+            from bench.compare.mop import saved_steps
+
+            steps = saved_steps(self.dir) if self.dir.is_dir() else []
+            if not steps or steps[-1]["sparsity"] < target - 0.005:
+                worker(args, "mop", self.dir, target, recovery=self.recovery)
+        elif not (self.dir / "summary.json").is_file():
+            options = {"final_eval": {"freebaseqa_limit": args.freebaseqa},
+                       **dict(_option(item) for item in args.agent_option)}
+            worker(args, "agent", self.dir, target, recovery=self.recovery, planner=self.planner,
+                   **{"agent-options": json.dumps(options)})
+
+    def steps(self) -> list[dict]:
+        if self.method == "mop":
+            from bench.compare.mop import saved_steps
+
+            return saved_steps(self.dir)
+        from bench.compare.agent_run import accepted_steps
+
+        return [s | {"dir": str(self.dir / "checkpoints" / f"step-{s['step']:04d}")}
+                for s in accepted_steps(self.dir) if s["step"] > 0]
+
+    def rows(self, targets: list[float]) -> list[dict]:
+        from bench.compare.agent_run import COST_FILE, nearest_step
+
+        steps = self.steps()
+        invocations = read_json(self.dir / COST_FILE) if (self.dir / COST_FILE).is_file() else []
+        peak = max((c.get("peak_rss_mib", 0.0) for c in invocations), default=None)
+        run_seconds = sum(c.get("seconds", 0.0) for c in invocations)
+        rows = []
+        for target in targets:
+            step = nearest_step(steps, target) if steps else None
+            if step is None:
+                continue
+            key = self.method if self.planner is None else f"{self.method}:{self.planner}"
+            rows.append({
+                "id": f"{key}/{self.recovery}/{target:g}", "method": self.method, "planner": self.planner,
+                "recovery": self.recovery, "target": target, "state": step["dir"], "step": step["step"],
+                "step_note": f"step {step['step']} ({step['branch']}) of one run",
+                "cost": {"seconds": step["seconds_from_start"], "peak_rss_mib": peak,
+                         "run_seconds": round(run_seconds, 1)},
+                "path": [{k: s.get(k) for k in ("step", "branch", "sparsity", "summary")} for s in steps
+                         if s["step"] <= step["step"]],
+            })
+        return rows
+
+
+def _option(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def plan_rows(args, targets: list[float], methods: list[str], work: Path) -> list:
+    jobs: list = []
+    for method in methods:
+        if method in ONE_SHOT_METHODS:
+            recoveries = [r.strip() for r in args.one_shot_recovery.split(",") if r.strip()]
+            jobs += [OneShotJob(method, recovery, work) for recovery in recoveries]
+        elif method == "mop":
+            jobs.append(LoopJob("mop", args.loop_recovery, work))
+        elif method == "agent":
+            jobs.append(LoopJob("agent", args.loop_recovery, work, planner=args.planner))
+            if args.llm_planner:
+                jobs.append(LoopJob("agent", args.loop_recovery, work, planner=args.llm_planner))
+        else:
+            raise SystemExit(f"error: unknown method {method} (use shortgpt, wanda_sp, mop, agent)")
+    return jobs
+
+
+# ---- evaluation, speed, outputs -------------------------------------------------------------------
+def evaluate_all(args, result: dict, rows: dict, work: Path, protocol: Protocol, out: Path) -> None:
+    from agent_prune.data.sources import resolve_data_dir
+    from agent_prune.models.accounting import count_parameters
+    from agent_prune.models.loading import load_model
+    from bench.compare.evaluate import evaluate_export, export_state
+
+    data_dir = resolve_data_dir(args.data_dir)
+    base = None
+    pending = [("dense", None)] if not result.get("dense", {}).get("eval") else []
+    pending += [(rid, row) for rid, row in rows.items()
+                if result["rows"].get(rid, {}).get("state") != row["state"]
+                or not result["rows"][rid].get("eval")]
+    for rid, row in pending:
+        if base is None:
+            base = load_model(args.model)
+            result["dense_prunable"] = count_parameters(base.model).prunable
+        export_dir = work / "exports" / rid.replace("/", "-").replace(":", "_")
+        print(f"evaluating {rid}", file=sys.stderr, flush=True)
+        entry = dict(row or {"id": "dense", "method": "dense"})
+        entry["export"] = export_state(base.model, base.tokenizer, row and Path(row["state"]), export_dir)
+        entry["eval"], items = evaluate_export(export_dir, result["dense_prunable"], data_dir, protocol)
+        atomic_write_json(items_path(work, rid), items)
+        if rid == "dense":
+            result["dense"] = entry
+        else:
+            result["rows"][rid] = entry
+        atomic_write_json(out, result)
+    for rid, row in rows.items():  # costs and step notes can change without a new evaluation
+        result["rows"][rid] = {**result["rows"][rid], **{k: v for k, v in row.items() if k != "eval"}}
+
+
+def items_path(work: Path, rid: str) -> Path:
+    return work / "items" / (rid.replace("/", "-").replace(":", "_") + ".json")
+
+
+def paired_verdicts(result: dict, work: Path, z: float = 2.0) -> list[dict]:
+    """Each agent-prune row against the best baseline row of its target, per metric, paired over items."""
+    from agent_prune.evaluation.stats import compare_paired
+    from bench.compare.evaluate import PAIRED
+
+    verdicts = []
+    rows = result["rows"]
+    for rid, row in rows.items():
+        if row["method"] != "agent":
+            continue
+        baselines = [b for b in rows.values() if b["method"] != "agent" and b["target"] == row["target"]]
+        for task, (key, higher) in PAIRED.items():
+            metric = {"wikitext2": "perplexity", "freebaseqa": "mc_accuracy", "arc_easy": "acc"}[task]
+            sign = 1 if higher else -1
+            best = max(baselines, key=lambda b: sign * b["eval"]["tasks"][task][metric], default=None)
+            if best is None:
+                continue
+            a = read_json(items_path(work, rid))[task]
+            b = read_json(items_path(work, best["id"]))[task]
+            comparison = compare_paired(a, b, metric=key, higher_is_better=higher, z_threshold=z)
+            verdicts.append({"target": row["target"], "agent": rid, "task": task, "metric": metric,
+                             "agent_value": row["eval"]["tasks"][task][metric], "best_baseline": best["id"],
+                             "baseline_value": best["eval"]["tasks"][task][metric],
+                             "paired_difference": comparison.difference.value,
+                             "paired_se": comparison.difference.se, "z": round(comparison.z, 2),
+                             "verdict": {"a": "agent-prune better", "b": "baseline better",
+                                         "tie": "tie (|z| <= 2)"}[comparison.verdict]})
+    return verdicts
+
+
+def measure_speeds(result: dict, targets: list[float], work: Path) -> None:
+    from bench.compare.evaluate import speed_of_exports
+
+    speed = {}
+    for target in targets:
+        exports = {"dense": Path(result["dense"]["export"]["export"])}
+        exports |= {rid: Path(row["export"]["export"]) for rid, row in result["rows"].items()
+                    if row["target"] == target}
+        print(f"measuring speed at {target:.0%} ({len(exports)} models)", file=sys.stderr, flush=True)
+        speed[f"{target:g}"] = speed_of_exports(exports)
+    speed["dense"] = {"dense": speed[f"{targets[0]:g}"]["dense"]}
+    result["speed"] = speed
+
+
+def _protocol(protocol: Protocol, calibration) -> dict:
+    return {"eval": protocol.model_dump(), "eval_text": protocol.describe(),
+            "calibration": calibration.describe(),
+            "speed": "agent_prune.evaluation.speed.measure_speed defaults, every model of one target "
+                     "(and the dense model) interleaved in one process"}
+
+
+def _machine(previous: dict | None) -> dict:
+    import torch
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_average_at_start": (previous or {}).get("load_average_at_start", os.getloadavg()),
+            "load_average_now": os.getloadavg(),
+            "date": datetime.now(timezone.utc).date().isoformat()}
+
+
+def write_outputs(args, result: dict) -> None:
+    report.plot(result, Path(args.plot))
+    report.write_doc(Path(args.doc), report.section(result, Path(args.plot), Path(args.doc)))
+
+
+if __name__ == "__main__":
+    main()
