@@ -22,6 +22,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from bench.compare.prune import Calibration
 
 ONE_SHOT_METHODS = ("shortgpt", "wanda_sp")
 ROOT = Path(__file__).resolve().parents[2]
+REACH = 0.02  # a loop step within 2 points of a target stands for it (the table shows its sparsity)
 
 
 def parse_args(argv=None):
@@ -56,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=int, default=32, help="WikiText-2 test windows")
     p.add_argument("--freebaseqa", type=int, default=300, help="FreebaseQA dev questions")
     p.add_argument("--arc", type=int, default=300, help="ARC-Easy validation items")
+    p.add_argument("--partial-loops", action="store_true",
+                   help="do not start or resume the MoP / agent runs: use the steps they have so far")
+    p.add_argument("--jobs", type=int, default=1, help="pruning worker processes at a time")
+    p.add_argument("--eval-jobs", type=int, default=1, help="evaluation worker processes at a time")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
     p.add_argument("--work", default="runs/compare", help="pruned states, runs and exports (large)")
     p.add_argument("--json-out", default="bench/results/compare.json")
@@ -82,16 +88,19 @@ def main(argv=None) -> dict:
                   machine=_machine(result.get("machine")))
     result.setdefault("rows", {})
     jobs = plan_rows(args, targets, methods, work)
-    for job in jobs:
-        job.prune(args)
+    tasks = [task for job in jobs for task in job.tasks(args)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda task: task(), tasks))
     rows = {row["id"]: row for job in jobs for row in job.rows(targets)}
     evaluate_all(args, result, rows, work, protocol, out)
     if not args.no_speed:
         measure_speeds(result, targets, work)
     result["verdicts"] = paired_verdicts(result, work)
-    result["wall_seconds"] = round(result.get("wall_seconds_before", 0.0) + time.perf_counter() - started, 1)
-    result["wall_seconds_before"] = result["wall_seconds"]
     result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["invocations"] = [*result.get("invocations", []), {
+        "command": result["command"], "seconds": round(time.perf_counter() - started, 1),
+        "finished": result["finished"], "load_average_at_end": os.getloadavg()}]
+    result["wall_seconds"] = round(sum(i["seconds"] for i in result["invocations"]), 1)
     atomic_write_json(out, result)
     write_outputs(args, result)
     print(report.tables(result))
@@ -118,15 +127,22 @@ class OneShotJob:
     def state(self, target: float) -> Path:
         return self.work / "states" / f"{self.method}-{self.recovery}-{target:g}"
 
-    def prune(self, args) -> None:
+    def tasks(self, args) -> list:
+        """One worker call per target not yet pruned (and not being pruned by a live worker)."""
+        todo = []
         for target in [float(t) for t in args.targets.split(",")]:
-            if not (self.state(target) / "record.json").is_file():
-                worker(args, "oneshot", self.state(target), target, method=self.method,
-                       recovery=self.recovery)
+            state = self.state(target)
+            if (state / "record.json").is_file() or _running(state):
+                continue
+            todo.append(lambda state=state, target=target: worker(
+                args, "oneshot", state, target, method=self.method, recovery=self.recovery))
+        return todo
 
     def rows(self, targets: list[float]) -> list[dict]:
         rows = []
         for target in targets:
+            if not (self.state(target) / "record.json").is_file():
+                continue
             record = read_json(self.state(target) / "record.json")
             rows.append({"id": f"{self.method}/{self.recovery}/{target:g}", "method": self.method,
                          "recovery": self.recovery, "target": target, "state": str(self.state(target)),
@@ -142,19 +158,26 @@ class LoopJob:
         slug = "" if planner is None else "-" + "".join(c if c.isalnum() else "_" for c in planner)[:40]
         self.dir = work / f"{method}{slug}-{recovery}"
 
-    def prune(self, args) -> None:
+    def tasks(self, args) -> list:
         target = max(float(t) for t in args.targets.split(","))
+        if args.partial_loops:
+            return []
+        if _running(self.dir):
+            raise SystemExit(f"error: {self.dir} is being pruned by another process (wait for it, or "
+                             "pass --partial-loops to use its steps so far)")
         if self.method == "mop":
             from bench.compare.mop import saved_steps
 
             steps = saved_steps(self.dir) if self.dir.is_dir() else []
-            if not steps or steps[-1]["sparsity"] < target - 0.005:
-                worker(args, "mop", self.dir, target, recovery=self.recovery)
-        elif not (self.dir / "summary.json").is_file():
-            options = {"final_eval": {"freebaseqa_limit": args.freebaseqa},
-                       **dict(_option(item) for item in args.agent_option)}
-            worker(args, "agent", self.dir, target, recovery=self.recovery, planner=self.planner,
-                   **{"agent-options": json.dumps(options)})
+            if steps and steps[-1]["sparsity"] >= target - 0.005:
+                return []
+            return [lambda: worker(args, "mop", self.dir, target, recovery=self.recovery)]
+        if (self.dir / "summary.json").is_file():
+            return []
+        options = {"final_eval": {"freebaseqa_limit": args.freebaseqa},
+                   **dict(_option(item) for item in args.agent_option)}
+        return [lambda: worker(args, "agent", self.dir, target, recovery=self.recovery, planner=self.planner,
+                               **{"agent-options": json.dumps(options)})]
 
     def steps(self) -> list[dict]:
         if self.method == "mop":
@@ -176,19 +199,28 @@ class LoopJob:
         rows = []
         for target in targets:
             step = nearest_step(steps, target) if steps else None
-            if step is None:
-                continue
+            if step is None or abs(step["sparsity"] - target) > REACH:
+                continue  # the run has not (yet) reached this target: no row
             key = self.method if self.planner is None else f"{self.method}:{self.planner}"
             rows.append({
                 "id": f"{key}/{self.recovery}/{target:g}", "method": self.method, "planner": self.planner,
                 "recovery": self.recovery, "target": target, "state": step["dir"], "step": step["step"],
-                "step_note": f"step {step['step']} ({step['branch']}) of one run",
+                "step_note": f"step {step['step']} ({step['branch']}) of one run; whole run "
+                             f"{run_seconds / 60:.0f} min wall",
                 "cost": {"seconds": step["seconds_from_start"], "peak_rss_mib": peak,
                          "run_seconds": round(run_seconds, 1)},
                 "path": [{k: s.get(k) for k in ("step", "branch", "sparsity", "summary")} for s in steps
                          if s["step"] <= step["step"]],
             })
         return rows
+
+
+def _running(directory: Path) -> bool:
+    """True while a live worker holds ``directory`` (a second worker there would corrupt it)."""
+    from bench.compare.cost import LOCK_FILE
+
+    lock = directory / LOCK_FILE
+    return lock.is_file() and Path(f"/proc/{int(lock.read_text().split()[0])}").exists()
 
 
 def _option(item: str) -> tuple[str, object]:
@@ -218,38 +250,47 @@ def plan_rows(args, targets: list[float], methods: list[str], work: Path) -> lis
 
 # ---- evaluation, speed, outputs -------------------------------------------------------------------
 def evaluate_all(args, result: dict, rows: dict, work: Path, protocol: Protocol, out: Path) -> None:
-    from agent_prune.data.sources import resolve_data_dir
-    from agent_prune.models.accounting import count_parameters
-    from agent_prune.models.loading import load_model
-    from bench.compare.evaluate import evaluate_export, export_state
-
-    data_dir = resolve_data_dir(args.data_dir)
-    base = None
-    pending = [("dense", None)] if not result.get("dense", {}).get("eval") else []
+    """Evaluate every row not yet evaluated on its current state, ``--eval-jobs`` workers at a time."""
+    pending = [] if result.get("dense", {}).get("eval") else [("dense", None)]
     pending += [(rid, row) for rid, row in rows.items()
                 if result["rows"].get(rid, {}).get("state") != row["state"]
                 or not result["rows"][rid].get("eval")]
-    for rid, row in pending:
-        if base is None:
-            base = load_model(args.model)
-            result["dense_prunable"] = count_parameters(base.model).prunable
-        export_dir = work / "exports" / rid.replace("/", "-").replace(":", "_")
-        print(f"evaluating {rid}", file=sys.stderr, flush=True)
-        entry = dict(row or {"id": "dense", "method": "dense"})
-        entry["export"] = export_state(base.model, base.tokenizer, row and Path(row["state"]), export_dir)
-        entry["eval"], items = evaluate_export(export_dir, result["dense_prunable"], data_dir, protocol)
-        atomic_write_json(items_path(work, rid), items)
-        if rid == "dense":
-            result["dense"] = entry
-        else:
-            result["rows"][rid] = entry
-        atomic_write_json(out, result)
+
+    def evaluate(item: tuple[str, dict | None]) -> tuple[str, dict | None, dict]:
+        rid, row = item
+        target = work / "evals" / _slug(rid)
+        if not _evaluated(target, row and row["state"], protocol):
+            extra = {"state": row["state"]} if row else {}
+            worker(args, "evaluate", target, 0.0, **extra, windows=args.windows,
+                   freebaseqa=args.freebaseqa, arc=args.arc)
+        return rid, row, read_json(target / "eval.json")
+
+    with ThreadPoolExecutor(max_workers=args.eval_jobs) as pool:
+        for rid, row, evaluated in pool.map(evaluate, pending):
+            entry = {**(row or {"id": "dense", "method": "dense"}), "export": evaluated["export"],
+                     "eval": evaluated["eval"]}
+            if rid == "dense":
+                result["dense"] = entry
+            else:
+                result["rows"][rid] = entry
+            atomic_write_json(out, result)
     for rid, row in rows.items():  # costs and step notes can change without a new evaluation
         result["rows"][rid] = {**result["rows"][rid], **{k: v for k, v in row.items() if k != "eval"}}
 
 
+def _evaluated(target: Path, state: str | None, protocol: Protocol) -> bool:
+    if not (target / "eval.json").is_file():
+        return False
+    done = read_json(target / "eval.json")
+    return done.get("state") == state and done.get("protocol") == protocol.model_dump()
+
+
+def _slug(rid: str) -> str:
+    return rid.replace("/", "-").replace(":", "_")
+
+
 def items_path(work: Path, rid: str) -> Path:
-    return work / "items" / (rid.replace("/", "-").replace(":", "_") + ".json")
+    return work / "evals" / _slug(rid) / "items.json"
 
 
 def paired_verdicts(result: dict, work: Path, z: float = 2.0) -> list[dict]:

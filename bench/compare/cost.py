@@ -7,10 +7,25 @@ peak RSS of one method never includes another's; the worker reads its own high-w
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+LOCK_FILE = ".bench.lock"
+
+
+@contextmanager
+def holding(directory: Path):
+    """Mark ``directory`` as being worked on by this process (the orchestrator will not start another)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_FILE
+    lock.write_text(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def peak_rss_bytes() -> int:

@@ -48,7 +48,8 @@ def cost_rows(result: dict) -> list[list[str]]:
             row_label(row), row.get("recovery", "-"), _target(row), f"{row['eval']['params'] / 1e6:.1f}M",
             f"{row['export']['file_bytes'] / 2**20:.0f}", str(row["export"]["layers"]),
             _num(speed.get("prefill_tokens_per_s")), _num(speed.get("decode_tokens_per_s")),
-            _num(cost.get("seconds")), _num(cost.get("peak_rss_mib")), row.get("step_note", ""),
+            _num(cost.get("seconds")), _num(cost.get("cpu_seconds")), _num(cost.get("peak_rss_mib")),
+            row.get("step_note", ""),
         ])
     return rows
 
@@ -86,7 +87,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 QUALITY_HEADER = ["method", "recovery", "target", "sparsity", "WikiText-2 ppl", "FreebaseQA MC %",
                   "FreebaseQA EM %", "gold LL (nats)", "ARC-Easy %"]
 COST_HEADER = ["method", "recovery", "target", "params", "file MiB", "layers", "prefill tok/s",
-               "decode tok/s", "prune s", "peak RSS MiB", "note"]
+               "decode tok/s", "prune s", "prune CPU s", "peak RSS MiB", "note"]
 
 
 def tables(result: dict) -> str:
@@ -162,11 +163,12 @@ def section(result: dict, plot_path: Path, doc_path: Path) -> str:
     relative = Path(os.path.relpath(plot_path.resolve(), doc_path.resolve().parent))
     return f"""{SECTION}
 
-Produced by (wall time of the whole command: {result['wall_seconds'] / 60:.0f} min, summed over
-resumed invocations; finished {result['finished']}):
+Produced by the command below; the table was built by {len(result['invocations'])} resumed
+invocation(s), listed with their wall times (sum {result['wall_seconds'] / 60:.0f} min; finished
+{result['finished']}). Each later invocation reuses the pruned states and evaluations of the earlier ones.
 
 ```
-{result['command']}
+{_invocations(result)}
 ```
 
 Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} with
@@ -205,6 +207,11 @@ recovery setting), compared on the same windows / questions (paired differences;
 
 ![perplexity, FreebaseQA and ARC-Easy accuracy vs sparsity]({relative.as_posix()})
 """
+
+
+def _invocations(result: dict) -> str:
+    return "\n".join(f"# {i['seconds'] / 60:.0f} min, finished {i['finished']}\n{i['command']}"
+                     for i in result["invocations"])
 
 
 def _load(values) -> str:

@@ -16,13 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from bench.compare.cost import measured
+from bench.compare.cost import holding, measured
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("job", choices=("oneshot", "mop", "agent"))
+    parser.add_argument("job", choices=("oneshot", "mop", "agent", "evaluate"))
     parser.add_argument("--model", required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", required=True, type=Path)
@@ -32,9 +32,14 @@ def main(argv=None) -> int:
     parser.add_argument("--planner", default="heuristic")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     parser.add_argument("--calib-samples", type=int, default=16, help="C4 calibration windows")
+    parser.add_argument("--state", help="evaluate: state directory to replay (default: the dense model)")
+    parser.add_argument("--windows", type=int, default=32, help="evaluate: WikiText-2 test windows")
+    parser.add_argument("--freebaseqa", type=int, default=300, help="evaluate: FreebaseQA questions")
+    parser.add_argument("--arc", type=int, default=300, help="evaluate: ARC-Easy items")
     parser.add_argument("--agent-options", default="{}", help="JSON of extra agent RunOptions fields")
     args = parser.parse_args(argv)
-    return {"oneshot": oneshot_job, "mop": mop_job, "agent": agent_job}[args.job](args)
+    jobs = {"oneshot": oneshot_job, "mop": mop_job, "agent": agent_job, "evaluate": evaluate_job}
+    return jobs[args.job](args)
 
 
 def _setup(args):
@@ -59,7 +64,7 @@ def oneshot_job(args) -> int:
     loaded, _, windows = _setup(args)
     dense = loaded.model
     cost: dict = {}
-    with measured(cost):
+    with holding(args.out), measured(cost):
         model = copy.deepcopy(dense)
         manifest, details = ONE_SHOT[args.method](model, windows, args.target)
         details["recovery"] = recover(model, dense, manifest, windows, args.recovery)
@@ -81,7 +86,7 @@ def mop_job(args) -> int:
     held_aside = c4_documents(data_dir)[-KL_HELD_ASIDE_DOCUMENTS:]
     kl_windows = calibration_windows(loaded.tokenizer, held_aside, 4, windows.shape[1], 0)
     cost: dict = {}
-    with measured(cost):
+    with holding(args.out), measured(cost):
         run_mop(loaded.model, windows, kl_windows, args.target, args.recovery, args.out,
                 log=lambda line: print(line, file=sys.stderr, flush=True))
     record_cost(args.out, cost)
@@ -93,7 +98,7 @@ def agent_job(args) -> int:
     from bench.compare.agent_run import record_cost, run_agent
 
     cost: dict = {}
-    with measured(cost):
+    with holding(args.out), measured(cost):
         options = {"seqlen": args.seqlen, "calib_samples": args.calib_samples,
                    **json.loads(args.agent_options)}
         summary = run_agent(args.model, args.data_dir, args.out, args.target, args.planner, args.recovery,
@@ -101,6 +106,30 @@ def agent_job(args) -> int:
     cost.update(status=summary.get("status"), sparsity=summary.get("sparsity"))
     record_cost(args.out, cost)
     print(json.dumps(cost))
+    return 0
+
+
+def evaluate_job(args) -> int:
+    """Replay + export + reload + evaluate one state into ``OUT/eval.json`` (per-item vectors beside)."""
+    from agent_prune.data.sources import resolve_data_dir
+    from agent_prune.io import atomic_write_json
+    from agent_prune.models.accounting import count_parameters
+    from agent_prune.models.loading import load_model
+    from bench.compare.evaluate import Protocol, evaluate_export, export_state
+
+    base = load_model(args.model)
+    protocol = Protocol(seqlen=args.seqlen, windows=args.windows, freebaseqa=args.freebaseqa,
+                        arc_easy=args.arc)
+    state = Path(args.state) if args.state else None
+    export = export_state(base.model, base.tokenizer, state, args.out / "model")
+    prunable = count_parameters(base.model).prunable
+    del base
+    data_dir = resolve_data_dir(args.data_dir)
+    evaluation, items = evaluate_export(args.out / "model", prunable, data_dir, protocol)
+    atomic_write_json(args.out / "items.json", items)
+    atomic_write_json(args.out / "eval.json", {"state": args.state, "protocol": protocol.model_dump(),
+                                               "export": export, "eval": evaluation})
+    print(json.dumps({"state": args.state, "sparsity": evaluation["sparsity"]}))
     return 0
 
 
