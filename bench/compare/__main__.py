@@ -194,8 +194,11 @@ class LoopJob:
 
         steps = self.steps()
         invocations = read_json(self.dir / COST_FILE) if (self.dir / COST_FILE).is_file() else []
-        peak = max((c.get("peak_rss_mib", 0.0) for c in invocations), default=None)
+        peaks = [c.get("peak_rss_mib", 0.0) for c in invocations]
+        live = _live_peak_mib(self.dir)
+        peak = max([*peaks, *([live] if live else [])], default=None)
         run_seconds = sum(c.get("seconds", 0.0) for c in invocations)
+        status = "still running" if live else f"whole run {run_seconds / 60:.0f} min wall"
         rows = []
         for target in targets:
             step = nearest_step(steps, target) if steps else None
@@ -205,8 +208,7 @@ class LoopJob:
             rows.append({
                 "id": f"{key}/{self.recovery}/{target:g}", "method": self.method, "planner": self.planner,
                 "recovery": self.recovery, "target": target, "state": step["dir"], "step": step["step"],
-                "step_note": f"step {step['step']} ({step['branch']}) of one run; whole run "
-                             f"{run_seconds / 60:.0f} min wall",
+                "step_note": f"step {step['step']} ({step['branch']}) of one run ({status})",
                 "cost": {"seconds": step["seconds_from_start"], "peak_rss_mib": peak,
                          "run_seconds": round(run_seconds, 1)},
                 "path": [{k: s.get(k) for k in ("step", "branch", "sparsity", "summary")} for s in steps
@@ -221,6 +223,17 @@ def _running(directory: Path) -> bool:
 
     lock = directory / LOCK_FILE
     return lock.is_file() and Path(f"/proc/{int(lock.read_text().split()[0])}").exists()
+
+
+def _live_peak_mib(directory: Path) -> float | None:
+    """Peak RSS so far (VmHWM) of the live worker holding ``directory``, if any."""
+    from bench.compare.cost import LOCK_FILE
+
+    if not _running(directory):
+        return None
+    status = Path(f"/proc/{int((directory / LOCK_FILE).read_text().split()[0])}/status")
+    line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
+    return round(int(line.split()[1]) / 1024, 1) if line else None
 
 
 def _option(item: str) -> tuple[str, object]:
