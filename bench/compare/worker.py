@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -38,8 +39,13 @@ def main(argv=None) -> int:
     parser.add_argument("--arc", type=int, default=300, help="evaluate: ARC-Easy items")
     parser.add_argument("--agent-options", default="{}", help="JSON of extra agent RunOptions fields")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     jobs = {"oneshot": oneshot_job, "mop": mop_job, "agent": agent_job, "evaluate": evaluate_job}
     return jobs[args.job](args)
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _setup(args):
@@ -85,11 +91,14 @@ def mop_job(args) -> int:
     loaded, data_dir, windows = _setup(args)
     held_aside = c4_documents(data_dir)[-KL_HELD_ASIDE_DOCUMENTS:]
     kl_windows = calibration_windows(loaded.tokenizer, held_aside, 4, windows.shape[1], 0)
-    cost: dict = {}
-    with holding(args.out), measured(cost):
-        run_mop(loaded.model, windows, kl_windows, args.target, args.recovery, args.out,
-                log=lambda line: print(line, file=sys.stderr, flush=True))
-    record_cost(args.out, cost)
+    cost: dict = {"status": "stopped"}
+    try:
+        with holding(args.out), measured(cost):
+            run_mop(loaded.model, windows, kl_windows, args.target, args.recovery, args.out,
+                    log=lambda line: print(line, file=sys.stderr, flush=True))
+        cost["status"] = "target_reached"
+    finally:  # a stopped run still records what it cost so far (it resumes from its last step)
+        record_cost(args.out, cost)
     print(json.dumps(cost))
     return 0
 
@@ -97,14 +106,16 @@ def mop_job(args) -> int:
 def agent_job(args) -> int:
     from bench.compare.agent_run import record_cost, run_agent
 
-    cost: dict = {}
-    with holding(args.out), measured(cost):
-        options = {"seqlen": args.seqlen, "calib_samples": args.calib_samples,
-                   **json.loads(args.agent_options)}
-        summary = run_agent(args.model, args.data_dir, args.out, args.target, args.planner, args.recovery,
-                            **options)
-    cost.update(status=summary.get("status"), sparsity=summary.get("sparsity"))
-    record_cost(args.out, cost)
+    cost: dict = {"status": "stopped"}
+    try:
+        with holding(args.out), measured(cost):
+            options = {"seqlen": args.seqlen, "calib_samples": args.calib_samples,
+                       **json.loads(args.agent_options)}
+            summary = run_agent(args.model, args.data_dir, args.out, args.target, args.planner,
+                                args.recovery, **options)
+        cost.update(status=summary.get("status"), sparsity=summary.get("sparsity"))
+    finally:  # a stopped run still records what it cost so far (it resumes where it stopped)
+        record_cost(args.out, cost)
     print(json.dumps(cost))
     return 0
 
