@@ -62,6 +62,8 @@ def parse_args(argv=None):
                    help="do not start or resume the MoP / agent runs: use the steps they have so far")
     p.add_argument("--jobs", type=int, default=1, help="pruning worker processes at a time")
     p.add_argument("--eval-jobs", type=int, default=1, help="evaluation worker processes at a time")
+    p.add_argument("--cached-evals-only", action="store_true",
+                   help="evaluate nothing new: rows whose evaluation is not on disk are left out")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
     p.add_argument("--work", default="runs/compare", help="pruned states, runs and exports (large)")
     p.add_argument("--json-out", default="bench/results/compare.json")
@@ -92,6 +94,8 @@ def main(argv=None) -> dict:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda task: task(), tasks))
     rows = {row["id"]: row for job in jobs for row in job.rows(targets)}
+    result["unreached"] = [f"{job.dir.name} at {t:g}" for job in jobs if isinstance(job, LoopJob)
+                           for t in targets if not any(r["target"] == t for r in job.rows([t]))]
     evaluate_all(args, result, rows, work, protocol, out)
     if not args.no_speed:
         measure_speeds(result, targets, work)
@@ -268,6 +272,14 @@ def evaluate_all(args, result: dict, rows: dict, work: Path, protocol: Protocol,
     pending += [(rid, row) for rid, row in rows.items()
                 if result["rows"].get(rid, {}).get("state") != row["state"]
                 or not result["rows"][rid].get("eval")]
+    if args.cached_evals_only:  # leave out rows whose evaluation has not finished yet
+        skipped = [rid for rid, row in pending if not _evaluated(work / "evals" / _slug(rid),
+                                                                  row and row["state"], protocol)]
+        pending = [(rid, row) for rid, row in pending if rid not in skipped]
+        for rid in skipped:
+            rows.pop(rid, None)
+            result["rows"].pop(rid, None)
+        result["not_evaluated"] = skipped
 
     def evaluate(item: tuple[str, dict | None]) -> tuple[str, dict | None, dict]:
         rid, row = item

@@ -185,7 +185,7 @@ prunable (decoder linear) parameters actually removed. Files are fp32 safetensor
 "recovery" says what ran after the cut: `none`, or `reconstruct` (agent-prune's local
 reconstruction on the calibration windows; for MoP and agent-prune after every step).
 
-### Quality
+{_missing(result)}### Quality
 
 {markdown_table(QUALITY_HEADER, quality_rows(result))}
 
@@ -207,6 +207,17 @@ recovery setting), compared on the same windows / questions (paired differences;
 
 ![perplexity, FreebaseQA and ARC-Easy accuracy vs sparsity]({relative.as_posix()})
 """
+
+
+def _missing(result: dict) -> str:
+    parts = []
+    if result.get("unreached"):
+        parts.append("Loop runs that had not reached a target (no row): "
+                     + ", ".join(result["unreached"]) + ".")
+    if result.get("not_evaluated"):
+        parts.append("Pruned but not evaluated in this invocation (no row): "
+                     + ", ".join(result["not_evaluated"]) + ".")
+    return "\n".join(parts) + "\n\n" if parts else ""
 
 
 def _invocations(result: dict) -> str:
