@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="pruning worker processes at a time")
     p.add_argument("--eval-jobs", type=int, default=1, help="evaluation worker processes at a time")
     p.add_argument("--cached-evals-only", action="store_true",
-                   help="evaluate nothing new: rows whose evaluation is not on disk are left out")
+                   help="prune and evaluate nothing new: rows whose pruned state or evaluation is "
+                        "not on disk yet are left out")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
     p.add_argument("--work", default="runs/compare", help="pruned states, runs and exports (large)")
     p.add_argument("--json-out", default="bench/results/compare.json")
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
                   machine=_machine(result.get("machine")))
     result.setdefault("rows", {})
     jobs = plan_rows(args, targets, methods, work)
-    tasks = [task for job in jobs for task in job.tasks(args)]
+    tasks = [] if args.cached_evals_only else [task for job in jobs for task in job.tasks(args)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(lambda task: task(), tasks))
     rows = {row["id"]: row for job in jobs for row in job.rows(targets)}
