@@ -1,0 +1,95 @@
+"""The comparison bench end to end on a tiny model and the tiny data directory, and its pure parts."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from agent_prune.actions import dense_manifest
+from bench.compare import report
+from bench.compare.__main__ import main
+from bench.compare.methods import layer_params, mop_width_actions, shortgpt_actions, wanda_sp_scores
+from tests.conftest import save_tiny, tiny_model
+from tests.tiny_data import write_data_dir
+
+TARGET = 0.2
+# One-shot baselines without recovery here (the loops exercise reconstruction); the real run has both.
+ROWS = {"shortgpt/none/0.2", "wanda_sp/none/0.2", "mop/reconstruct/0.2", "agent:heuristic/reconstruct/0.2"}
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("AGENT_PRUNE_TEST_THREADS", "1")
+
+
+def test_every_method_reaches_the_target_and_the_table_is_written(tmp_path, threads):
+    model = save_tiny(tmp_path / "model", "llama", num_hidden_layers=10)
+    data = write_data_dir(tmp_path / "data")
+    argv = ["--model", str(model), "--data-dir", str(data), "--targets", str(TARGET), "--seqlen", "32",
+            "--calib-samples", "4", "--windows", "4", "--one-shot-recovery", "none",
+            "--freebaseqa", "8", "--arc", "8",
+            "--agent-option", "eval_windows=4", "--agent-option", "probe_limit=8",
+            "--agent-option", "kl_windows=2", "--work", str(tmp_path / "work"),
+            "--json-out", str(tmp_path / "compare.json"), "--doc", str(tmp_path / "docs" / "benchmarks.md"),
+            "--plot", str(tmp_path / "docs" / "compare.png")]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n## Recovery\n\nkept as it is\n")
+    result = main(argv)
+
+    assert set(result["rows"]) == ROWS
+    dense_params = result["dense"]["eval"]["params"]
+    for rid, row in result["rows"].items():
+        assert abs(row["eval"]["sparsity"] - TARGET) <= 0.03, rid
+        assert row["eval"]["params"] < dense_params
+        assert row["export"]["file_bytes"] < result["dense"]["export"]["file_bytes"]
+        assert row["cost"]["peak_rss_mib"] > 0 and row["cost"]["seconds"] > 0
+        for task in ("wikitext2", "freebaseqa", "arc_easy"):
+            assert task in row["eval"]["tasks"]
+        assert row["id"] in result["speed"]["0.2"]
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert set(saved["rows"]) == ROWS and saved["verdicts"]
+    doc = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "## Recovery\n\nkept as it is" in doc and report.SECTION in doc
+    assert doc.count("| ShortGPT (BI depth) |") == 2  # in both tables
+    assert "](compare.png)" in doc
+    assert (tmp_path / "docs" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A rerun reuses every state and evaluation: nothing is exported again.
+    exports = {rid: os.stat(row["export"]["export"]).st_mtime_ns for rid, row in result["rows"].items()}
+    again = main([*argv, "--no-speed"])
+    assert {rid: os.stat(r["export"]["export"]).st_mtime_ns for rid, r in again["rows"].items()} == exports
+    row = f"shortgpt/none/{TARGET:g}"
+    assert again["rows"][row]["eval"] == result["rows"][row]["eval"]
+
+
+def test_shortgpt_removes_the_lowest_block_influence_layers():
+    manifest = dense_manifest(tiny_model("llama", num_hidden_layers=10))
+    influence = [0.9, 0.2, 0.5, 0.1, 0.8, 0.3, 0.7, 0.6, 0.4, 1.0]
+    (action,) = shortgpt_actions(influence, manifest, 0.3)
+    assert action.layers == [1, 3, 5]
+
+
+def test_wanda_sp_scores_follow_flap():
+    torch.manual_seed(0)
+    o_weight, down = torch.randn(8, 8), torch.randn(8, 6)
+    o_norm, down_norm = torch.rand(8), torch.rand(6)
+    scores = wanda_sp_scores(o_weight, o_norm, down, down_norm, head_dim=2, num_kv_heads=2)
+    per_column = (o_weight.abs() * o_norm).mean(dim=0)
+    assert scores["heads"] == pytest.approx([float(per_column[2 * h: 2 * h + 2].sum()) for h in range(4)])
+    assert scores["mlp_channels"] == pytest.approx((down.abs() * down_norm).mean(dim=0).tolist())
+    assert scores["kv_groups"] == pytest.approx([scores["heads"][0] + scores["heads"][1],
+                                                 scores["heads"][2] + scores["heads"][3]])
+
+
+def test_mop_width_spends_one_layer_and_drops_kv_groups_when_the_count_reaches_one():
+    manifest = dense_manifest(tiny_model("llama", num_hidden_layers=4))
+    budget = layer_params(manifest, 0)
+    actions, credit = mop_width_actions(manifest, budget, {})
+    assert len(actions) == 4 and all(a.kv_groups is None for a in actions)
+    hidden = manifest.base.hidden_size
+    assert sum(a.mlp_channels for a in actions) * 3 * hidden == pytest.approx(budget, rel=0.02)
+    actions, credit = mop_width_actions(manifest, budget, {source: 0.99 for source in range(4)})
+    assert all(a.kv_groups == 1 for a in actions)
+    assert all(0 <= value < 1 for value in credit.values())
