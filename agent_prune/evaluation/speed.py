@@ -18,10 +18,18 @@ PROTOCOL = ("speed: batch 1, random token ids (seed 0); prefill = one {seqlen}-t
             "{context}-token prompt; {reps} interleaved repetitions after a warm-up, median")
 
 
+def _sync(ids: torch.Tensor) -> None:
+    """Wait for queued GPU work, so wall-clock intervals cover it (a no-op on the CPU)."""
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)
+
+
 @torch.inference_mode()
 def _prefill(model, ids: torch.Tensor) -> float:
+    _sync(ids)
     start = time.perf_counter()
     model(ids, use_cache=True, logits_to_keep=1)
+    _sync(ids)
     return time.perf_counter() - start
 
 
@@ -29,10 +37,12 @@ def _prefill(model, ids: torch.Tensor) -> float:
 def _decode(model, ids: torch.Tensor, context: int, steps: int) -> float:
     out = model(ids[:, :context], use_cache=True, logits_to_keep=1)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids)
     start = time.perf_counter()
     for _ in range(steps):
         out = model(token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(ids)
     return time.perf_counter() - start
 
 

@@ -108,6 +108,7 @@ def reconstruct(
     sources = layer_sources(manifest)
     p_adapter, d_adapter = adapter_for(pruned), adapter_for(dense)
     _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope)
+    windows = windows.to(next(pruned.parameters()).device)  # calibration ids may sit on the CPU
     mode = _mode(p_adapter, target)
     n_fit = windows.shape[0] - heldout
     p_kwargs, d_kwargs = layer_kwargs(p_adapter, windows[0]), layer_kwargs(d_adapter, windows[0])

@@ -30,6 +30,8 @@ class LeastSquaresCollector:
         # One batch's products in float32 (fast), the running sums in float64 (no drift over batches).
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         t = targets.reshape(-1, targets.shape[-1]).float()
+        if self.xtx.device != x.device:  # the sums live where the activations are (e.g. CUDA)
+            self.xtx, self.xty = self.xtx.to(x.device), self.xty.to(x.device)
         self.xtx += (x.T @ x).double()
         self.xty += (x.T @ t).double()
         self.count += x.shape[0]
