@@ -24,21 +24,25 @@ def threads(monkeypatch):
     monkeypatch.setenv("AGENT_PRUNE_TEST_THREADS", "1")
 
 
-def test_every_method_reaches_the_target_and_the_table_is_written(tmp_path, threads):
+def _tiny_argv(tmp_path, *extra: str) -> list[str]:
     model = save_tiny(tmp_path / "model", "llama", num_hidden_layers=10)
     data = write_data_dir(tmp_path / "data")
-    argv = ["--model", str(model), "--data-dir", str(data), "--targets", str(TARGET), "--seqlen", "32",
-            "--calib-samples", "4", "--windows", "4", "--one-shot-recovery", "none",
-            "--freebaseqa", "8", "--arc", "8",
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n## Recovery\n\nkept as it is\n")
+    return ["--model", str(model), "--data-dir", str(data), "--targets", str(TARGET), "--seqlen", "32",
+            "--calib-samples", "4", "--windows", "4", "--freebaseqa", "8", "--arc", "8",
             "--agent-option", "eval_windows=4", "--agent-option", "probe_limit=8",
             "--agent-option", "kl_windows=2", "--work", str(tmp_path / "work"),
             "--json-out", str(tmp_path / "compare.json"), "--doc", str(tmp_path / "docs" / "benchmarks.md"),
-            "--plot", str(tmp_path / "docs" / "compare.png")]
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n## Recovery\n\nkept as it is\n")
+            "--plot", str(tmp_path / "docs" / "compare.png"), *extra]
+
+
+def test_every_method_reaches_the_target_and_the_table_is_written(tmp_path, threads):
+    argv = _tiny_argv(tmp_path, "--one-shot-recovery", "none")
     result = main(argv)
 
     assert set(result["rows"]) == ROWS
+    assert result["machine"]["device"] == "cpu" and result["machine"]["gpu"] is None
     dense_params = result["dense"]["eval"]["params"]
     for rid, row in result["rows"].items():
         assert abs(row["eval"]["sparsity"] - TARGET) <= 0.03, rid
@@ -62,6 +66,32 @@ def test_every_method_reaches_the_target_and_the_table_is_written(tmp_path, thre
     assert {rid: os.stat(r["export"]["export"]).st_mtime_ns for rid, r in again["rows"].items()} == exports
     row = f"shortgpt/none/{TARGET:g}"
     assert again["rows"][row]["eval"] == result["rows"][row]["eval"]
+
+
+def test_device_reaches_every_worker(tmp_path, monkeypatch):
+    import bench.compare.__main__ as compare
+
+    commands = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda command, **_: commands.append(command))
+    args = compare.parse_args(["--model", "m", "--data-dir", "d", "--device", "cuda"])
+    for job in ("oneshot", "mop", "agent", "evaluate"):
+        compare.worker(args, job, tmp_path, 0.2)
+    assert all(c[c.index("--device") + 1] == "cuda" for c in commands) and len(commands) == 4
+    assert compare.parse_args(["--model", "m", "--data-dir", "d"]).device == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_method_runs_on_cuda(tmp_path, threads):
+    """The whole comparison with ``--device cuda``, one-shot reconstruction included (GPU machines only)."""
+    result = main(_tiny_argv(tmp_path, "--device", "cuda"))
+
+    recovered = {"shortgpt/reconstruct/0.2", "wanda_sp/reconstruct/0.2"}
+    assert set(result["rows"]) == ROWS | recovered
+    assert result["machine"]["device"] == "cuda" and result["machine"]["gpu"]
+    for rid, row in result["rows"].items():
+        assert abs(row["eval"]["sparsity"] - TARGET) <= 0.03, rid
+        assert row["id"] in result["speed"]["0.2"]
+    assert "GPU" in (tmp_path / "docs" / "benchmarks.md").read_text()
 
 
 def test_shortgpt_removes_the_lowest_block_influence_layers():

@@ -66,6 +66,9 @@ def parse_args(argv=None):
                    help="prune and evaluate nothing new: rows whose pruned state or evaluation is "
                         "not on disk yet are left out")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where every worker prunes, calibrates and evaluates, and where speed is "
+                        "measured (exports and replays stay on the CPU)")
     p.add_argument("--work", default="runs/compare", help="pruned states, runs and exports (large)")
     p.add_argument("--json-out", default="bench/results/compare.json")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file whose section is rewritten")
@@ -88,18 +91,17 @@ def main(argv=None) -> dict:
     calibration = Calibration(args.calib_samples, args.seqlen)
     result.update(command="python -m bench.compare " + shlex.join(argv),
                   protocol=_protocol(protocol, calibration),
-                  machine=_machine(result.get("machine")))
+                  machine=_machine(result.get("machine"), args.device))
     result.setdefault("rows", {})
     jobs = plan_rows(args, targets, methods, work)
-    tasks = [] if args.cached_evals_only else [task for job in jobs for task in job.tasks(args)]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda task: task(), tasks))
+    if not args.cached_evals_only:
+        prune_and_evaluate_one_shots(args, result, jobs, targets, work, protocol, out)
     rows = {row["id"]: row for job in jobs for row in job.rows(targets)}
     result["unreached"] = [f"{job.dir.name} at {t:g}" for job in jobs if isinstance(job, LoopJob)
                            for t in targets if not any(r["target"] == t for r in job.rows([t]))]
     evaluate_all(args, result, rows, work, protocol, out)
     if not args.no_speed:
-        measure_speeds(result, targets, work)
+        measure_speeds(result, targets, work, args.device)
     result["verdicts"] = paired_verdicts(result, work)
     result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result["invocations"] = [*result.get("invocations", []), {
@@ -113,9 +115,30 @@ def main(argv=None) -> dict:
 
 
 # ---- pruning jobs ---------------------------------------------------------------------------------
+def prune_and_evaluate_one_shots(args, result: dict, jobs: list, targets: list[float], work: Path,
+                                 protocol: Protocol, out: Path) -> None:
+    """Run every pruning task, ``--jobs`` at a time; evaluate the one-shot rows while the loops run.
+
+    The loop runs (MoP, agent-prune) are the long poles, so they start first and the one-shot jobs
+    fill the other slots; once those are done, the dense model and the one-shot rows are evaluated
+    (``--eval-jobs`` workers) while the loops go on.
+    """
+    loops = [job for job in jobs if isinstance(job, LoopJob)]
+    one_shots = [job for job in jobs if not isinstance(job, LoopJob)]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running = [pool.submit(task) for job in loops for task in job.tasks(args)]
+        for future in [pool.submit(task) for job in one_shots for task in job.tasks(args)]:
+            future.result()
+        evaluate_all(args, result, {row["id"]: row for job in one_shots for row in job.rows(targets)},
+                     work, protocol, out)
+        for future in running:
+            future.result()
+
+
 def worker(args, job: str, out: Path, target: float, **extra) -> None:
     command = [sys.executable, "-m", "bench.compare.worker", job, "--model", args.model,
-               "--data-dir", args.data_dir, "--out", str(out), "--target", str(target)]
+               "--data-dir", args.data_dir, "--out", str(out), "--target", str(target),
+               "--device", args.device]
     extra = {"seqlen": args.seqlen, "calib-samples": args.calib_samples, **extra}
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
@@ -349,7 +372,7 @@ def paired_verdicts(result: dict, work: Path, z: float = 2.0) -> list[dict]:
     return verdicts
 
 
-def measure_speeds(result: dict, targets: list[float], work: Path) -> None:
+def measure_speeds(result: dict, targets: list[float], work: Path, device: str = "cpu") -> None:
     from bench.compare.evaluate import speed_of_exports
 
     speed = {}
@@ -358,7 +381,7 @@ def measure_speeds(result: dict, targets: list[float], work: Path) -> None:
         exports |= {rid: Path(row["export"]["export"]) for rid, row in result["rows"].items()
                     if row["target"] == target}
         print(f"measuring speed at {target:.0%} ({len(exports)} models)", file=sys.stderr, flush=True)
-        speed[f"{target:g}"] = speed_of_exports(exports)
+        speed[f"{target:g}"] = speed_of_exports(exports, device)
     speed["dense"] = {"dense": speed[f"{targets[0]:g}"]["dense"]}
     result["speed"] = speed
 
@@ -370,7 +393,7 @@ def _protocol(protocol: Protocol, calibration) -> dict:
                      "(and the dense model) interleaved in one process"}
 
 
-def _machine(previous: dict | None) -> dict:
+def _machine(previous: dict | None, device: str = "cpu") -> dict:
     import torch
 
     info = Path("/proc/cpuinfo")
@@ -381,7 +404,8 @@ def _machine(previous: dict | None) -> dict:
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_at_start": (previous or {}).get("load_average_at_start", os.getloadavg()),
             "load_average_now": os.getloadavg(),
-            "date": datetime.now(timezone.utc).date().isoformat()}
+            "date": datetime.now(timezone.utc).date().isoformat(), "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
 
 
 def write_outputs(args, result: dict) -> None:

@@ -63,19 +63,20 @@ def export_state(base: nn.Module, tokenizer, state_dir: Path | None, export_dir:
             "heterogeneous": summary.heterogeneous, "layers": len(manifest.layers)}
 
 
-def evaluate_export(export_dir: Path, base_prunable: int, data_dir: Path, protocol: Protocol
-                    ) -> tuple[dict, dict]:
-    """Load the export the way a user would (:func:`load_pretrained`) and evaluate it."""
+def evaluate_export(export_dir: Path, base_prunable: int, data_dir: Path, protocol: Protocol,
+                    device: str = "cpu") -> tuple[dict, dict]:
+    """Load the export the way a user would (:func:`load_pretrained`), move it to ``device``, evaluate it."""
     model, tokenizer = load_pretrained(export_dir)
+    model.to(device)
     counts = count_parameters(model, base_prunable=base_prunable)
     tasks, items = evaluate_model(model, tokenizer, data_dir, protocol)
     return {"params": counts.total, "prunable": counts.prunable,
             "sparsity": round(counts.structural_sparsity, 6), "tasks": tasks}, items
 
 
-def speed_of_exports(exports: dict[str, Path]) -> dict:
-    """Prefill/decode tokens/s of several exports, interleaved in this one process."""
+def speed_of_exports(exports: dict[str, Path], device: str = "cpu") -> dict:
+    """Prefill/decode tokens/s of several exports on ``device``, interleaved in this one process."""
     from agent_prune.evaluation.speed import measure_speed
 
-    models = {name: load_pretrained(path)[0] for name, path in exports.items()}
+    models = {name: load_pretrained(path)[0].to(device) for name, path in exports.items()}
     return measure_speed(models)

@@ -37,7 +37,7 @@ def step_dirs(out: Path) -> list[Path]:
 
 
 def run_mop(dense: nn.Module, windows: torch.Tensor, kl_windows: torch.Tensor, target: float,
-            recovery: str, out: Path, log=print) -> None:
+            recovery: str, out: Path, device: str = "cpu", log=print) -> None:
     """Run (or resume) the MoP loop until ``target`` structural sparsity; one directory per step."""
     from agent_prune.sensitivity import profile_model
 
@@ -48,7 +48,7 @@ def run_mop(dense: nn.Module, windows: torch.Tensor, kl_windows: torch.Tensor, t
     budget = layer_params(dense_manifest(dense), 0)
     started = time.perf_counter() - elapsed
     while count_parameters(model, base_prunable).structural_sparsity < target - TOLERANCE:
-        profile = profile_model(model, windows, gradients=False,
+        profile = profile_model(model, windows, gradients=False, device=device,
                                 layer_sources=[r.source for r in manifest.layers])
         scores = {layer.index: layer.structures.model_dump() for layer in profile.layers}
         width_actions, width_credit = mop_width_actions(manifest, budget, credit)

@@ -36,11 +36,12 @@ class Calibration:
                 f"seed {self.seed}")
 
 
-def prune_shortgpt(model: nn.Module, windows: torch.Tensor, target: float) -> tuple[Manifest, dict]:
+def prune_shortgpt(model: nn.Module, windows: torch.Tensor, target: float, device: str = "cpu"
+                   ) -> tuple[Manifest, dict]:
     """ShortGPT one shot: Block Influence on the dense model, lowest-BI layers removed."""
     from agent_prune.sensitivity import profile_model
 
-    profile = profile_model(model, windows, gradients=False)
+    profile = profile_model(model, windows, gradients=False, device=device)
     influence = [layer.block_influence for layer in profile.layers]
     actions = shortgpt_actions(influence, dense_manifest(model), target)
     manifest = apply_actions(model, actions, dense_manifest(model))
@@ -49,13 +50,13 @@ def prune_shortgpt(model: nn.Module, windows: torch.Tensor, target: float) -> tu
 
 
 @torch.no_grad()
-def prune_wanda_sp(model: nn.Module, windows: torch.Tensor, target: float, batch_size: int = 4
-                   ) -> tuple[Manifest, dict]:
+def prune_wanda_sp(model: nn.Module, windows: torch.Tensor, target: float, device: str = "cpu",
+                   batch_size: int = 4) -> tuple[Manifest, dict]:
     """Wanda-sp, uniform: layer by layer, score on the activations of the model pruned so far, cut."""
     adapter = adapter_for(model)
     manifest = dense_manifest(model)
     actions = uniform_width_actions(manifest, target)
-    inputs = capture_layer_inputs(adapter, windows, batch_size, torch.device("cpu"))
+    inputs = capture_layer_inputs(adapter, windows, batch_size, torch.device(device))
     hidden = inputs.hidden
     for index, action in enumerate(actions):
         layer = adapter.layers()[index]

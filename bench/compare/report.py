@@ -150,10 +150,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def verdict_table(result: dict) -> str:
-    rows = [[f"{v['target']:.0%}", v["agent"].split("/")[0], v["task"], v["metric"],
+    rows = [[f"{v['target']:.0%}", ", ".join(v["agent"].split("/")[:2]), v["task"], v["metric"],
              f"{v['agent_value']:.4g}", f"{v['best_baseline']}", f"{v['baseline_value']:.4g}",
              f"{v['z']:+.1f}", v["verdict"]] for v in result.get("verdicts", [])]
-    header = ["target", "agent row", "task", "metric", "agent-prune", "best baseline (by value)",
+    header = ["target", "agent row (planner, recovery)", "task", "metric", "agent-prune",
+              "best baseline (by value)",
               "baseline", "paired z", "verdict"]
     return markdown_table(header, rows)
 
@@ -171,15 +172,11 @@ invocation(s), listed with their wall times (sum {result['wall_seconds'] / 60:.0
 {_invocations(result)}
 ```
 
-Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} with
-{machine['torch_threads']} threads, Python {machine['python']}; load average at start
-{_load(machine['load_average_at_start'])}, at the end {_load(machine['load_average_now'])} (the cores
-are shared with other jobs, so times and tokens/s are noisy; speeds of one target are interleaved in
-one process so that load hits every model alike). Date: {machine['date']}.
+{_machine_text(machine)} Date: {machine['date']}.
 
 Protocol: {protocol['eval_text']}. Errors are ± one standard error over windows / items.
 Calibration for every method: {protocol['calibration']}. Speed: {protocol['speed']}
-({result.get('speed', {}).get('dense', {}).get('protocol', 'see JSON')}). Parameters count every
+({_speed_protocol(result)}). Parameters count every
 tensor once (tied embeddings once); "sparsity" is the structural share of the dense model's
 prunable (decoder linear) parameters actually removed. Files are fp32 safetensors exports.
 "recovery" says what ran after the cut: `none`, or `reconstruct` (agent-prune's local
@@ -207,6 +204,24 @@ recovery setting), compared on the same windows / questions (paired differences;
 
 ![perplexity, FreebaseQA and ARC-Easy accuracy vs sparsity]({relative.as_posix()})
 """
+
+
+def _machine_text(machine: dict) -> str:
+    host = (f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} with "
+            f"{machine['torch_threads']} threads, Python {machine['python']}; load average at start "
+            f"{_load(machine['load_average_at_start'])}, at the end {_load(machine['load_average_now'])}")
+    if machine.get("device") == "cuda":
+        return (f"Machine: one {machine.get('gpu')} GPU (`--device cuda`: every worker prunes, calibrates "
+                f"and evaluates on it, and tokens/s are measured on it, batch 1, fp32, synchronised); "
+                f"host {host}. Replays and exports run on the host CPU. Workers run concurrently "
+                f"(`--jobs`, `--eval-jobs`), so wall times include sharing the GPU with other workers.")
+    return (f"Machine: {host} (the cores are shared with other jobs, so times and tokens/s are noisy; "
+            f"speeds of one target are interleaved in one process so that load hits every model alike).")
+
+
+def _speed_protocol(result: dict) -> str:
+    return next((entry["protocol"] for entry in result.get("speed", {}).values() if "protocol" in entry),
+                "see JSON")
 
 
 def _missing(result: dict) -> str:

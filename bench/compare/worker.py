@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--freebaseqa", type=int, default=300, help="evaluate: FreebaseQA questions")
     parser.add_argument("--arc", type=int, default=300, help="evaluate: ARC-Easy items")
     parser.add_argument("--agent-options", default="{}", help="JSON of extra agent RunOptions fields")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the model is pruned, calibrated and evaluated")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
     jobs = {"oneshot": oneshot_job, "mop": mop_job, "agent": agent_job, "evaluate": evaluate_job}
@@ -53,7 +55,7 @@ def _setup(args):
     from agent_prune.models.loading import load_model
     from bench.compare.prune import Calibration
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device=args.device)
     data_dir = resolve_data_dir(args.data_dir)
     calibration = Calibration(samples=args.calib_samples, seqlen=args.seqlen)
     return loaded, data_dir, calibration.windows(loaded.tokenizer, data_dir)
@@ -72,7 +74,7 @@ def oneshot_job(args) -> int:
     cost: dict = {}
     with holding(args.out), measured(cost):
         model = copy.deepcopy(dense)
-        manifest, details = ONE_SHOT[args.method](model, windows, args.target)
+        manifest, details = ONE_SHOT[args.method](model, windows, args.target, device=args.device)
         details["recovery"] = recover(model, dense, manifest, windows, args.recovery)
     counts = count_parameters(model, base_prunable=manifest.base.prunable_parameters)
     record = {"method": args.method, "target": args.target, "recovery": args.recovery,
@@ -95,7 +97,7 @@ def mop_job(args) -> int:
     try:
         with holding(args.out), measured(cost):
             run_mop(loaded.model, windows, kl_windows, args.target, args.recovery, args.out,
-                    log=lambda line: print(line, file=sys.stderr, flush=True))
+                    device=args.device, log=lambda line: print(line, file=sys.stderr, flush=True))
         cost["status"] = "target_reached"
     finally:  # a stopped run still records what it cost so far (it resumes from its last step)
         record_cost(args.out, cost)
@@ -109,7 +111,7 @@ def agent_job(args) -> int:
     cost: dict = {"status": "stopped"}
     try:
         with holding(args.out), measured(cost):
-            options = {"seqlen": args.seqlen, "calib_samples": args.calib_samples,
+            options = {"seqlen": args.seqlen, "calib_samples": args.calib_samples, "device": args.device,
                        **json.loads(args.agent_options)}
             summary = run_agent(args.model, args.data_dir, args.out, args.target, args.planner,
                                 args.recovery, **options)
@@ -128,7 +130,7 @@ def evaluate_job(args) -> int:
     from agent_prune.models.loading import load_model
     from bench.compare.evaluate import Protocol, evaluate_export, export_state
 
-    base = load_model(args.model)
+    base = load_model(args.model)  # replay and export on the CPU; the export is evaluated on --device
     protocol = Protocol(seqlen=args.seqlen, windows=args.windows, freebaseqa=args.freebaseqa,
                         arc_easy=args.arc)
     state = Path(args.state) if args.state else None
@@ -136,7 +138,7 @@ def evaluate_job(args) -> int:
     prunable = count_parameters(base.model).prunable
     del base
     data_dir = resolve_data_dir(args.data_dir)
-    evaluation, items = evaluate_export(args.out / "model", prunable, data_dir, protocol)
+    evaluation, items = evaluate_export(args.out / "model", prunable, data_dir, protocol, args.device)
     atomic_write_json(args.out / "items.json", items)
     atomic_write_json(args.out / "eval.json", {"state": args.state, "protocol": protocol.model_dump(),
                                                "export": export, "eval": evaluation})
