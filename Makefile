@@ -27,6 +27,16 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check agent_prune tests bench
 
+# The main job: prune the shared model to 20% with the heuristic planner. An existing run is resumed
+# (a finished one just prints its summary) rather than overwritten.
+DEMO_RUN ?= runs/demo
+DEMO_MODEL ?= $(SHARED)/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+
 demo: setup
-	$(VENV)/bin/agent-prune eval --model $(SHARED)/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
-		--data-dir $(SHARED)/data --tasks wikitext2,freebaseqa,arc_easy --seqlen 512 --windows 32 --limit 300
+	@if [ -f $(DEMO_RUN)/run.json ]; then \
+		$(VENV)/bin/agent-prune resume $(DEMO_RUN); \
+	else \
+		$(VENV)/bin/agent-prune run --model $(DEMO_MODEL) --data-dir $(SHARED)/data \
+			--target-sparsity 0.2 --planner heuristic --out $(DEMO_RUN); \
+	fi
+	$(VENV)/bin/agent-prune trace $(DEMO_RUN) | tail -n 40

@@ -15,7 +15,7 @@ import sys
 from agent_prune import __version__
 from agent_prune.errors import EXIT_INTERRUPTED, AgentPruneError
 
-COMMANDS = ("run", "resume", "trace", "profile", "eval", "apply", "export", "heal", "bench")
+COMMANDS = ("run", "resume", "trace", "profile", "eval", "apply", "export", "heal")
 
 EPILOG = """examples:
   agent-prune eval --model ../shared/models/smollm2-135m-instruct --data-dir ../shared/data --tasks wikitext2

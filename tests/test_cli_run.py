@@ -73,6 +73,10 @@ def test_interrupted_run_exits_130_and_resumes_to_0(tmp_path):
     resumed = cli("resume", run_dir, "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "target_reached"
+    again = cli("resume", run_dir)  # a finished run: nothing redone, its closing summary shown
+    assert again.returncode == 0, again.stderr
+    assert "target_reached" in again.stderr and "structural sparsity" in again.stderr
+    assert f"model: {run_dir}" in again.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -53,7 +53,7 @@ class RunOptions(BaseModel):
                                                     "parameters; default one layer's worth")
     branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
     select_by: Literal["perplexity", "kl"] = "perplexity"
-    recovery: Literal["none", "reconstruct", "distill"] = "reconstruct"
+    recovery: Literal["none", "reconstruct", "distill"] = "none"
     heal_tokens: int = Field(200_000, ge=0)
     heal_seconds: float = Field(1200.0, ge=0)
     eval_windows: int = Field(8, ge=2)

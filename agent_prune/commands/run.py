@@ -65,7 +65,8 @@ def add_run_args(parser) -> None:
     parser.add_argument("--branches", help="comma list of depth,width (default both)")
     parser.add_argument("--select-by", choices=("perplexity", "kl"), help="candidate choice signal")
     parser.add_argument("--recovery", choices=("none", "reconstruct", "distill"),
-                        help="recovery after each cut (default reconstruct)")
+                        help="recovery of each candidate (default none: reconstruction on C4 "
+                             "raised WikiText perplexity in the loop, docs/benchmarks.md)")
     parser.add_argument("--heal-tokens", type=int, help="distillation token budget (distill)")
     parser.add_argument("--heal-seconds", type=float, help="distillation wall-clock budget (distill)")
     parser.add_argument("--eval-windows", type=int, help="WikiText-2 validation windows per score")
@@ -150,8 +151,32 @@ def run(args) -> int:
 def finish_command(summary: dict, args) -> int:
     if args.json:
         print_json(summary)
+    elif not args.quiet:
+        print_closing_summary(summary)
     reached = summary.get("status") == "target_reached"
     if not reached:
         print(f"target not reached: {summary.get('status')} at sparsity "
               f"{summary.get('sparsity', 0.0):.3f}", file=sys.stderr)
     return EXIT_OK if reached else EXIT_TARGET_NOT_REACHED
+
+
+def print_closing_summary(summary: dict) -> None:
+    """The before/after table of the report, and where the model and report are, on stderr."""
+    from rich.table import Table
+
+    from agent_prune.commands.common import stderr_console
+    from agent_prune.reporting.report import before_after_rows
+
+    final = summary.get("final") or {}
+    sparsity, steps = 100 * summary.get("sparsity", 0.0), summary.get("accepted_steps", 0)
+    table = Table(title=f"{summary.get('status')}: structural sparsity {sparsity:.1f}% in {steps} steps")
+    for column in ("", "dense", "pruned"):
+        table.add_column(column, justify="left" if not column else "right")
+    for row in before_after_rows(final):
+        table.add_row(*row)
+    stderr_console.print(table)
+    if final.get("export"):
+        stderr_console.print(f"model: {final['export']}", highlight=False)
+    if summary.get("report"):
+        stderr_console.print(f"report: {summary['report']}", highlight=False)
+    stderr_console.print(f"trace: agent-prune trace {summary.get('run_dir')}", highlight=False)

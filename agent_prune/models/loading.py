@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -222,7 +221,8 @@ def save_dense(model: nn.Module, tokenizer, folder: Path) -> None:
         fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
     fresh.tie_weights()
-    fresh.save_pretrained(folder)
+    with _quiet_transformers():
+        fresh.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -239,22 +239,33 @@ def clean_config(config):
 
 
 class _quiet_transformers:
-    """Silence transformers' progress bars and warnings while loading (the CLI shows its own)."""
+    """Silence transformers' progress bars and warnings while loading (the CLI shows its own).
+
+    GGUF dequantisation uses a plain ``tqdm`` that transformers' switch does not reach, hence
+    ``TQDM_DISABLE`` for the duration.
+    """
 
     def __enter__(self):
         from transformers.utils import logging as hf_logging
 
         self._level = hf_logging.get_verbosity()
+        self._bars = hf_logging.is_progress_bar_enabled()
+        self._tqdm = os.environ.get("TQDM_DISABLE")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self._warnings = logging.getLogger("transformers").level
+        os.environ["TQDM_DISABLE"] = "1"
         return self
 
     def __exit__(self, *exc):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity(self._level)
-        hf_logging.enable_progress_bar()
+        if self._bars:
+            hf_logging.enable_progress_bar()
+        if self._tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = self._tqdm
         return False
 
 

@@ -49,12 +49,15 @@ def _config(options, path: Path) -> Path:
 
 
 def test_killed_run_resumes_to_the_same_accepted_steps(tmp_path):
-    reference = tiny_run_options(tmp_path / "a", final_eval={"windows": 0, "speed": False})
+    # With reconstruction, so resuming must replay refit weights, not only re-cut.
+    reference = tiny_run_options(tmp_path / "a", final_eval={"windows": 0, "speed": False},
+                                 recovery="reconstruct")
     start_run(reference)
     expected = accepted_steps(Path(reference.out))
     assert len(expected) >= 2
 
-    killed = tiny_run_options(tmp_path / "b", final_eval={"windows": 0, "speed": False})
+    killed = tiny_run_options(tmp_path / "b", final_eval={"windows": 0, "speed": False},
+                              recovery="reconstruct")
     script = ("import json,sys; from agent_prune.agent.options import RunOptions; "
               "from agent_prune.agent.session import start_run; "
               "start_run(RunOptions.model_validate(json.loads(sys.argv[1])))")
