@@ -219,8 +219,12 @@ class RunContext:
         return info
 
     def recover(self, model, manifest) -> dict | None:
-        """Local reconstruction of a candidate (``--recovery reconstruct|distill``), as MoP does."""
-        if self.options.recovery == "none":
+        """Local reconstruction of a candidate (``--recovery reconstruct``), as MoP does.
+
+        ``distill`` heals accepted steps only: on the shared model, reconstruction on the loop's 16 C4
+        windows raised WikiText-2 perplexity of the loop's models (docs/benchmarks.md), so it is not
+        stacked under healing."""
+        if self.options.recovery != "reconstruct":
             return None
         from agent_prune.recovery import reconstruct
 

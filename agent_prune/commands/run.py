@@ -65,8 +65,9 @@ def add_run_args(parser) -> None:
     parser.add_argument("--branches", help="comma list of depth,width (default both)")
     parser.add_argument("--select-by", choices=("perplexity", "kl"), help="candidate choice signal")
     parser.add_argument("--recovery", choices=("none", "reconstruct", "distill"),
-                        help="recovery of each candidate (default none: reconstruction on C4 "
-                             "raised WikiText perplexity in the loop, docs/benchmarks.md)")
+                        help="reconstruct: refit each candidate; distill: heal each accepted step "
+                             "(default none: reconstruction raised the loop's WikiText perplexity, "
+                             "docs/benchmarks.md)")
     parser.add_argument("--heal-tokens", type=int, help="distillation token budget (distill)")
     parser.add_argument("--heal-seconds", type=float, help="distillation wall-clock budget (distill)")
     parser.add_argument("--eval-windows", type=int, help="WikiText-2 validation windows per score")

@@ -216,6 +216,8 @@ class _LoraWeights:
 
     def finish(self) -> None:
         _merge_lora(self.student)
+        if hasattr(self.student, "peft_config"):  # left by inject_adapter_in_model; a later heal adds anew
+            delattr(self.student, "peft_config")
         for param in self.student.parameters():
             param.requires_grad_(False)
 

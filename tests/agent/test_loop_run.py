@@ -1,7 +1,13 @@
 import json
 
+import torch
+
+from agent_prune.actions import replay
+from agent_prune.actions.manifest import parse_manifest
 from agent_prune.agent.session import start_run
 from agent_prune.agent.trace import read_trace
+from agent_prune.checkpoints.store import read_state_dir
+from agent_prune.models.loading import load_model
 from tests.agent.loop_fixtures import tiny_run_options
 
 
@@ -21,3 +27,28 @@ def test_full_run_with_reconstruction_reaches_a_small_target(tmp_path):
     assert (run / "report.md").is_file()
     saved = json.loads((run / "summary.json").read_text())
     assert saved["accepted_steps"] == summary["accepted_steps"] >= 1
+
+
+
+def test_distill_heals_each_accepted_step_and_exports_what_it_healed(tmp_path):
+    options = tiny_run_options(tmp_path, recovery="distill", heal_tokens=512, heal_seconds=30,
+                               final_eval={"windows": 0, "speed": False})
+    summary = start_run(options)
+    assert summary["status"] == "target_reached", summary
+    run = tmp_path / "run"
+    built = [r for r in read_trace(run / "trace.jsonl") if r["event"] == "candidate_built"]
+    assert built and all(r["recovery"] is None for r in built)  # candidates are not reconstructed
+    steps = sorted((run / "checkpoints").glob("step-*"))[1:]
+    assert steps
+    for step in steps:
+        heal = json.loads((step / "record.json").read_text())["heal"]
+        assert heal["method"] == "distill" and heal["tokens"] > 0
+    manifest, tensors, _ = read_state_dir(steps[-1])
+    assert tensors, "healed weights must travel with the step"
+    exported = load_model(str(run / "model")).model.state_dict()
+    parsed = parse_manifest(json.dumps(manifest))
+    assert parsed.overridden
+    healed = replay(load_model(options.model).model, parsed, tensors)
+    cut_only = replay(load_model(options.model).model, parsed.model_copy(update={"overridden": []}), {})
+    assert all(torch.equal(exported[k], v) for k, v in healed.state_dict().items())
+    assert any(not torch.equal(exported[k], v) for k, v in cut_only.state_dict().items())
