@@ -160,6 +160,9 @@ class LoopNodes:
             step = state["current"]["step"] + 1
             step_dir = ctx.accept(step, Path(chosen["dir"]), decision, chosen,
                                   previous_sparsity=state["current"]["sparsity"])
+            healed = read_json(step_dir / "record.json").get("heal")
+            if healed:  # the step is the healed model: its signals are the ones to carry on
+                chosen = {**chosen, "metrics": decisions.headline(read_json(step_dir / "signals.json"))}
             summary = f"{chosen['branch']}: " + decisions.describe_actions(chosen["actions"])
             record = StepRecord(iteration=iteration, branch=chosen["branch"], summary=summary,
                                 sparsity=chosen["sparsity"], **decisions.history_metrics(chosen))
@@ -171,6 +174,8 @@ class LoopNodes:
                 rejections=0, step_scale=1.0, rejected_layers=[],
             )
             ctx.trace.event("decision", iteration=iteration, step=step, **decision)
+            if healed:
+                ctx.trace.event("heal", iteration=iteration, step=step, **healed, metrics=chosen["metrics"])
         else:
             tried = [layer for c in state["candidates"] for a in c["actions"]
                      if a["kind"] == "remove_layers" for layer in a["layers"]]

@@ -75,6 +75,11 @@ def render_iteration(iteration: int, events: list[dict]) -> Panel:
             style = "green" if event.get("accepted") else "red"
             verdict = f"accepted {event.get('branch')}" if event.get("accepted") else "rejected"
             lines.append(Text(f"  decision: {verdict}: {event.get('reason', '')}", style=style))
+        elif kind == "heal":
+            budget = f"{event.get('tokens', 0):,} tokens in {event.get('seconds', 0):.0f}s"
+            kl = f"KL {event.get('kl_before', 0):.3g} -> {event.get('kl_after', 0):.3g}"
+            lines.append(Text(f"  healed: {budget}, {kl}; {format_metrics(event.get('metrics', {}))}",
+                              style="cyan"))
         elif kind == "reflection":
             by = f" ({event['status']})" if event.get("status") not in (None, "valid") else ""
             lines.append(Text(f"  reflection{by}: {event.get('lesson', '')}", style="magenta"))

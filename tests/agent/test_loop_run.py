@@ -36,8 +36,11 @@ def test_distill_heals_each_accepted_step_and_exports_what_it_healed(tmp_path):
     summary = start_run(options)
     assert summary["status"] == "target_reached", summary
     run = tmp_path / "run"
-    built = [r for r in read_trace(run / "trace.jsonl") if r["event"] == "candidate_built"]
+    records = read_trace(run / "trace.jsonl")
+    built = [r for r in records if r["event"] == "candidate_built"]
     assert built and all(r["recovery"] is None for r in built)  # candidates are not reconstructed
+    heals = [r for r in records if r["event"] == "heal"]
+    assert len(heals) == summary["accepted_steps"] and all(h["metrics"]["perplexity"] for h in heals)
     steps = sorted((run / "checkpoints").glob("step-*"))[1:]
     assert steps
     for step in steps:
