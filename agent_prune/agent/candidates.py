@@ -2,12 +2,16 @@
 
 The planner says *where* (which layers, in what order, MLP vs attention share); this module says
 *how much*, so that each candidate removes about one step budget of prunable parameters:
-- depth: the shortest prefix of the proposed layers whose parameters reach the budget;
+- depth: the prefix of the proposed layers whose parameters come closest to the budget (after
+  width steps a layer is smaller than a dense one, and "reach the budget" would take two layers
+  where one is nearly right);
 - width: the MLP share of the budget split evenly over the proposed layers as channel counts
   (each channel costs gate row + up row + down column = 3 * hidden), capped per layer and
   redistributed when a cap binds; the attention share as whole KV groups (each costs its query
   heads' q rows and o columns plus its k and v rows), least important layers first.
 Which channels or groups go inside a layer is the pruners' choice, from the profile's scores.
+The loop then sizes the width candidate to what the depth candidate removes, so the two are
+compared at the same size.
 """
 
 from __future__ import annotations
@@ -39,11 +43,14 @@ def kv_group_cost(layer: LayerSize, hidden: int, head_dim: int) -> int:
 
 def size_depth(proposal: DepthProposal, layers: list[LayerSize], budget: int,
                max_overshoot: float = 2.0) -> list[int]:
-    """Layers to remove: a prefix of the proposal reaching ``budget``; [] if one layer is too big."""
+    """Layers to remove: the prefix of the proposal closest to ``budget`` (ties: the larger);
+    [] if that is over ``max_overshoot`` budgets or every layer."""
     chosen, removed = [], 0
     for index in proposal.layers:
         if removed >= budget:
             break
+        if chosen and budget - removed < removed + layers[index].params - budget:
+            break  # stopping short is closer than taking the next layer
         chosen.append(index)
         removed += layers[index].params
     if not chosen or removed > max_overshoot * budget or len(chosen) >= len(layers):

@@ -109,6 +109,7 @@ class LoopNodes:
             layers = size_depth(proposal.depth, sizes, budget)
             if layers:
                 plans["depth"] = [{"kind": "remove_layers", "layers": layers}]
+                budget = sum(sizes[i].params for i in layers)  # width matches: same-size comparison
         if proposal.width is not None:
             width = size_width(proposal.width, sizes, budget, ctx.hidden_size, ctx.head_dim)
             if width:
