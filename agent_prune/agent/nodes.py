@@ -92,8 +92,11 @@ class LoopNodes:
     def step_budget(self, state: dict) -> int:
         dense = state["dense"]
         fraction = self.ctx.options.step_fraction or 1.0 / dense["layers"]
-        remaining = (self.ctx.options.target_sparsity - state["current"]["sparsity"]) * dense["prunable"]
-        return max(1, int(min(fraction * dense["prunable"] * state["step_scale"], remaining)))
+        return max(1, int(min(fraction * dense["prunable"] * state["step_scale"], self.remaining(state))))
+
+    def remaining(self, state: dict) -> float:
+        """Prunable parameters still to remove to reach the target."""
+        return (self.ctx.options.target_sparsity - state["current"]["sparsity"]) * state["dense"]["prunable"]
 
     # ---- build ---------------------------------------------------------------------------------
     def build(self, state: dict) -> dict:
@@ -109,7 +112,8 @@ class LoopNodes:
             layers = size_depth(proposal.depth, sizes, budget)
             if layers:
                 plans["depth"] = [{"kind": "remove_layers", "layers": layers}]
-                budget = sum(sizes[i].params for i in layers)  # width matches: same-size comparison
+                # Width matches depth (a same-size comparison), but never cuts past the target.
+                budget = max(1, int(min(sum(sizes[i].params for i in layers), self.remaining(state))))
         if proposal.width is not None:
             width = size_width(proposal.width, sizes, budget, ctx.hidden_size, ctx.head_dim)
             if width:
