@@ -11,8 +11,7 @@ The planner says *where* (which layers, in what order, MLP vs attention share); 
   heads' q rows and o columns plus its k and v rows), least important layers first.
 Which channels or groups go inside a layer is the pruners' choice, from the profile's scores.
 The loop then sizes the width candidate to what the depth candidate removes (never past the
-target), so the two are
-compared at the same size.
+target), so the two are compared at the same size.
 """
 
 from __future__ import annotations
