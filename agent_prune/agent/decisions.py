@@ -109,7 +109,9 @@ def decide(records: dict[str, dict], params: dict[str, int], current: dict, dens
     passing = [b for b in order if all(g["passed"] for g in checks[b])]
     if passing:
         branch = passing[0]
-        why = "better" if branch == order[0] and comparisons else "only candidate passing the gates"
+        why = "only candidate passing the gates"
+        if branch == order[0] and comparisons:
+            why = _why_first(comparisons)
         if len(order) == 1:
             why = "only candidate"
         reason = f"{branch} {why}; " + _gate_summary(checks[branch])
@@ -118,6 +120,16 @@ def decide(records: dict[str, dict], params: dict[str, int], current: dict, dens
     failed = [f"{b}: " + _gate_summary(checks[b], failed_only=True) for b in order]
     return {"accepted": False, "branch": order[0], "reason": "gates crossed - " + "; ".join(failed),
             "comparisons": comparisons, "gates": checks, "metrics": headline(records[order[0]])}
+
+
+def _why_first(comparisons: list[dict]) -> str:
+    """Why the first-ranked candidate won: the comparison that decided, in words."""
+    last = comparisons[-1]
+    if last["metric"] == "params":
+        return "tie on the signals, fewer parameters"
+    if last["metric"] == "params/depth":
+        return "tie on the signals and size, depth preferred (faster)"
+    return f"better on paired {last['metric']} (z {last['z']:+.1f})"
 
 
 def _gate_summary(checks: list[dict], failed_only: bool = False) -> str:

@@ -1,0 +1,38 @@
+"""The decision names what decided it: a significant paired difference, or a tie broken by size."""
+
+import math
+
+from agent_prune.agent.decisions import decide
+from agent_prune.agent.options import Gates
+from agent_prune.evaluation.loop import SignalRecord
+from agent_prune.evaluation.stats import mean_estimate, perplexity_estimate
+
+
+def record(nll: list[float], margin: list[float]) -> dict:
+    correct = [float(m > 0) for m in margin]
+    return SignalRecord(
+        perplexity=perplexity_estimate(nll), mc_accuracy=mean_estimate(correct),
+        mc_margin=mean_estimate(margin), window_nll=nll, question_margin=margin,
+        question_correct=correct, items_key="k", seconds=0.0,
+    ).model_dump()
+
+
+DENSE = record([3.0, 3.1, 2.9, 3.0, 3.2, 2.8], [0.5, -0.2, 0.3, 0.1, -0.4, 0.6])
+NOISY = [3.3, 3.45, 3.15, 3.3, 3.55, 3.05]
+
+
+def test_a_significant_difference_is_named_with_its_z():
+    worse = [x + 0.3 + 0.01 * i for i, x in enumerate(NOISY)]
+    records = {"depth": record(worse, [0.1] * 6), "width": record(NOISY, [0.1] * 6)}
+    result = decide(records, {"depth": 100, "width": 100}, DENSE, DENSE, Gates(max_step_ppl_increase=None))
+    assert result["accepted"] and result["branch"] == "width"
+    assert "better on paired perplexity" in result["reason"]
+
+
+def test_a_full_tie_says_so_and_goes_to_the_smaller_model_then_to_depth():
+    same = {"depth": record(NOISY, [0.1] * 6), "width": record(NOISY, [0.1] * 6)}
+    gates = Gates(max_step_ppl_increase=math.inf)
+    smaller = decide(same, {"depth": 100, "width": 90}, DENSE, DENSE, gates)
+    assert smaller["branch"] == "width" and "tie on the signals, fewer parameters" in smaller["reason"]
+    equal = decide(same, {"depth": 100, "width": 100}, DENSE, DENSE, gates)
+    assert equal["branch"] == "depth" and "depth preferred" in equal["reason"]
