@@ -163,9 +163,8 @@ class LoopNodes:
         if decision["accepted"]:
             chosen = next(c for c in state["candidates"] if c["branch"] == decision["branch"])
             step = state["current"]["step"] + 1
-            step_dir = ctx.accept(step, Path(chosen["dir"]), decision, chosen,
-                                  previous_sparsity=state["current"]["sparsity"])
-            healed = read_json(step_dir / "record.json").get("heal")
+            step_dir, healed = ctx.accept(step, Path(chosen["dir"]), decision, chosen,
+                                          previous_sparsity=state["current"]["sparsity"])
             if healed:  # the step is the healed model: its signals are the ones to carry on
                 chosen = {**chosen, "metrics": decisions.headline(read_json(step_dir / "signals.json"))}
             summary = f"{chosen['branch']}: " + decisions.describe_actions(chosen["actions"])

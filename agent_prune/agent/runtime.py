@@ -256,8 +256,10 @@ class RunContext:
         return path
 
     def accept(self, step: int, candidate_dir: Path, decision: dict, candidate: dict,
-               previous_sparsity: float) -> Path:
-        """Commit a candidate as step ``step``; with ``--recovery distill``, heal it first."""
+               previous_sparsity: float) -> tuple[Path, dict | None]:
+        """Commit a candidate as step ``step``; with ``--recovery distill``, heal it first.
+
+        Returns the step's directory and the healing report (None when nothing was healed)."""
         manifest, tensors, record = read_state_dir(candidate_dir)
         signals = read_json(candidate_dir / "signals.json")
         if self.options.recovery == "distill":
@@ -273,7 +275,7 @@ class RunContext:
             self._remember(str(self.store.step_dir(step).resolve()), model.eval(), parsed)
         self.store.commit(step, manifest, tensors, {**record, "decision": decision, "step": step},
                           sparsity=candidate["sparsity"], extra={"signals.json": signals})
-        return self.store.step_dir(step)
+        return self.store.step_dir(step), record.get("heal")
 
     # ---- the end of a run -----------------------------------------------------------------------
     def finish(self, state: dict) -> dict:
