@@ -36,6 +36,11 @@ def mlp_channel_cost(hidden: int) -> int:
     return 3 * hidden
 
 
+def mlp_cap(channels: int, max_fraction: float = 0.5, min_channels: int = 8) -> int:
+    """MLP channels one step may take from a layer that has ``channels``."""
+    return max(0, min(int(channels * max_fraction), channels - min_channels))
+
+
 def kv_group_cost(layer: LayerSize, hidden: int, head_dim: int) -> int:
     heads_per_group = layer.num_heads // layer.num_kv_heads
     return (2 * heads_per_group + 2) * head_dim * hidden
@@ -59,24 +64,32 @@ def size_depth(proposal: DepthProposal, layers: list[LayerSize], budget: int,
 
 
 def size_mlp(layer_indices: list[int], layers: list[LayerSize], budget: int, hidden: int,
-             max_fraction: float = 0.5, min_channels: int = 8) -> dict[int, int]:
-    """Channels to remove per layer, spreading ``budget`` evenly and respecting per-layer caps."""
+             max_fraction: float = 0.5, min_channels: int = 8,
+             shares: list[float] | None = None) -> dict[int, int]:
+    """Channels to remove per layer: ``budget`` split in proportion to ``shares`` (one per entry of
+    ``layer_indices``; evenly without them), respecting per-layer caps; what a binding cap leaves
+    goes to the other layers in proportion to their shares."""
     targets = layer_indices or [layer.index for layer in layers]
-    caps = {i: max(0, min(int(layers[i].mlp_channels * max_fraction),
-                          layers[i].mlp_channels - min_channels)) for i in targets}
+    weights = dict(zip(targets, shares)) if shares else dict.fromkeys(targets, 1.0)
+    caps = {i: mlp_cap(layers[i].mlp_channels, max_fraction, min_channels) for i in targets}
     remaining = budget // mlp_channel_cost(hidden)
     counts = dict.fromkeys(targets, 0)
     while remaining > 0:
-        open_layers = [i for i in targets if counts[i] < caps[i]]
+        open_layers = [i for i in targets if counts[i] < caps[i] and weights[i] > 0]
         if not open_layers:
             break
-        share = max(1, remaining // len(open_layers))
-        for i in open_layers:
-            take = min(share, caps[i] - counts[i], remaining)
+        total = sum(weights[i] for i in open_layers)
+        ideal = {i: remaining * weights[i] / total for i in open_layers}
+        # Whole channels by the floor of each ideal share; one more each, largest remainder first,
+        # until the budget is placed (so a small step still moves).
+        order = sorted(open_layers, key=lambda i: (-(ideal[i] - int(ideal[i])), i))
+        grants = {i: int(ideal[i]) for i in open_layers}
+        for i in order[: remaining - sum(grants.values())]:
+            grants[i] += 1
+        for i in order:
+            take = min(grants[i], caps[i] - counts[i], remaining)
             counts[i] += take
             remaining -= take
-            if remaining == 0:
-                break
     return {i: c for i, c in counts.items() if c > 0}
 
 
@@ -101,7 +114,7 @@ def size_width(proposal: WidthProposal, layers: list[LayerSize], budget: int, hi
     attention_budget = round((1.0 - proposal.mlp_share) * budget)
     groups = size_kv_groups(proposal.layers, layers, attention_budget, hidden, head_dim)
     spent = sum(kv_group_cost(layers[i], hidden, head_dim) * g for i, g in groups.items())
-    channels = size_mlp(proposal.layers, layers, budget - spent, hidden)
+    channels = size_mlp(proposal.layers, layers, budget - spent, hidden, shares=proposal.mlp_shares)
     plan: dict[int, dict[str, int]] = {}
     for i in sorted(set(groups) | set(channels)):
         plan[i] = {"mlp_channels": channels.get(i, 0), "kv_groups": groups.get(i, 0)}

@@ -6,18 +6,45 @@ Nodes are safe to re-run after a crash: candidates and accepted steps are writte
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from agent_prune.agent import decisions
-from agent_prune.agent.candidates import LayerSize, size_depth, size_width
+from agent_prune.agent.allocation import global_allocation
+from agent_prune.agent.candidates import LayerSize, mlp_cap, mlp_channel_cost, size_depth, size_width
 from agent_prune.agent.planners.base import FailedStep
-from agent_prune.agent.proposal import LayerRow, PlannerContext, Proposal, StepRecord
+from agent_prune.agent.proposal import LayerRow, PlannerContext, Proposal, StepRecord, WidthProposal
 from agent_prune.agent.runtime import RunContext
 from agent_prune.agent.trace import Stopwatch
 from agent_prune.errors import InvalidActionError
 from agent_prune.io import atomic_write_json, read_json
 
 TARGET_TOLERANCE = 0.002  # a run within 0.2 points of its target sparsity has reached it
+# Suggestions never thin a layer's MLP below this share of its dense width: per-layer z-scores give
+# every layer a low tail, so repeated steps could otherwise hollow out the same cheap layers.
+MIN_MLP_KEPT = 1 / 3
+
+
+def suggested_mlp_cuts(profile: dict, budget: int, hidden: int, dense_channels: int) -> list[int]:
+    """Per current layer, the MLP channels a step of ``budget`` parameters would take from it under
+    the global ranking of standardised L2 channel scores (zeros for profiles without them)."""
+    layers = profile["layers"]
+    if any(layer.get("structures_l2") is None for layer in layers):
+        return [0] * len(layers)
+    floor = math.ceil(MIN_MLP_KEPT * dense_channels)
+    caps = [max(0, min(mlp_cap(layer["intermediate_size"]), layer["intermediate_size"] - floor))
+            for layer in layers]
+    scores = [layer["structures_l2"]["mlp_channels"] for layer in layers]
+    return global_allocation(scores, budget // mlp_channel_cost(hidden), caps)
+
+
+def with_suggested_shares(width: WidthProposal, cuts: list[int]) -> WidthProposal:
+    """``width`` with the suggested per-layer amounts ``cuts`` where the planner gave none."""
+    if width.mlp_shares is not None:
+        return width
+    layers = width.layers or list(range(len(cuts)))
+    shares = [float(cuts[i]) for i in layers]
+    return width.model_copy(update={"mlp_shares": shares}) if sum(shares) > 0 else width
 
 
 class LoopNodes:
@@ -78,8 +105,9 @@ class LoopNodes:
     def planner_context(self, state: dict, iteration: int) -> PlannerContext:
         ctx = self.ctx
         profile = read_json(state["profile_path"])
-        rows = [LayerRow(**row) for row in ctx.profile_rows(profile)]
         budget = self.step_budget(state)
+        cuts = self.suggested_cuts(profile, budget)
+        rows = [LayerRow(**row, mlp_cut=cut) for row, cut in zip(ctx.profile_rows(profile), cuts)]
         history = [StepRecord(**h["record"]) for h in state["history"]]
         return PlannerContext(
             iteration=iteration, num_layers=len(rows), current_sparsity=state["current"]["sparsity"],
@@ -88,6 +116,10 @@ class LoopNodes:
             layers=rows, history=history, reflections=state["reflections"][-5:],
             rejected_layers=state["rejected_layers"], hidden_size=ctx.hidden_size, head_dim=ctx.head_dim,
         )
+
+    def suggested_cuts(self, profile: dict, budget: int) -> list[int]:
+        dense_channels = self.ctx.base.model.config.intermediate_size
+        return suggested_mlp_cuts(profile, budget, self.ctx.hidden_size, dense_channels)
 
     def step_budget(self, state: dict) -> int:
         dense = state["dense"]
@@ -115,17 +147,20 @@ class LoopNodes:
                 # Width matches depth (a same-size comparison), but never cuts past the target.
                 budget = max(1, int(min(sum(sizes[i].params for i in layers), self.remaining(state))))
         if proposal.width is not None:
-            width = size_width(proposal.width, sizes, budget, ctx.hidden_size, ctx.head_dim)
+            cuts = self.suggested_cuts(profile, state["budget"]["params"])
+            width = size_width(with_suggested_shares(proposal.width, cuts), sizes, budget, ctx.hidden_size,
+                               ctx.head_dim)
             if width:
                 plans["width"] = [{"kind": "prune_width", "layer": i, **counts}
                                   for i, counts in width.items()]
+        pruner = proposal.width.pruner if proposal.width is not None else "l2"
         candidates = []
         for branch, actions in plans.items():
             target = ctx.run_dir / "candidates" / f"iter-{iteration:04d}" / branch
             ctx.reporter.building(iteration, branch)
             with Stopwatch() as watch:
                 try:
-                    info = ctx.build_candidate(base_model, base_manifest, actions, profile, target)
+                    info = ctx.build_candidate(base_model, base_manifest, actions, profile, target, pruner)
                 except InvalidActionError as exc:
                     ctx.trace.event("candidate_invalid", iteration=iteration, branch=branch,
                                     actions=actions, error=exc.one_line())

@@ -53,14 +53,14 @@ class RunOptions(BaseModel):
                                                     "parameters; default one layer's worth")
     branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
     select_by: Literal["perplexity", "kl"] = "perplexity"
-    recovery: Literal["none", "reconstruct", "distill"] = "none"
+    recovery: Literal["none", "reconstruct", "distill"] = "reconstruct"
     heal_tokens: int = Field(200_000, ge=0)
     heal_seconds: float = Field(1200.0, ge=0)
     eval_windows: int = Field(8, ge=2)
     probe_limit: int = Field(120, ge=4)
     kl_windows: int = Field(4, ge=0)
     seqlen: int = Field(512, ge=16)
-    calib_samples: int = Field(16, ge=1)
+    calib_samples: int = Field(32, ge=1)
     seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class LayerRow(BaseModel):
@@ -23,6 +23,9 @@ class LayerRow(BaseModel):
     mlp_channels: int
     protected: bool = False
     z: dict[str, float] = Field(default_factory=dict)  # metric -> z-score across layers
+    mlp_cut: int = Field(0, description="MLP channels this layer would give up if the whole step "
+                                        "budget went to MLP channels ranked across layers "
+                                        "(agent.allocation); the suggested per-layer amounts")
 
 
 class StepRecord(BaseModel):
@@ -61,6 +64,15 @@ class DepthProposal(BaseModel):
     layers: list[int] = Field(description="current layer indices to remove, most expendable first")
 
 
+Pruner = Literal["l2", "amp", "taylor"]
+PRUNERS: dict[str, str] = {
+    "l2": "||X_j||_2 * ||W_out[:, j]||_2 (Wanda-sp with L2 norms): the size of what a channel or head "
+          "writes to the residual stream; the default",
+    "amp": "mean over tokens of |X_j| * ||W_out[:, j]||_1 (AMP, the MoP width pruner)",
+    "taylor": "|W * dL/dW| summed over the weights a structure owns (LLM-Pruner); needs gradients",
+}
+
+
 class WidthProposal(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -68,6 +80,17 @@ class WidthProposal(BaseModel):
     mlp_share: float = Field(1.0, ge=0.0, le=1.0,
                              description="share of the step budget taken from MLP channels; "
                                          "the rest from attention KV groups")
+    pruner: Pruner = Field("l2", description="the importance score that picks which channels and "
+                                             "heads go inside each layer")
+    mlp_shares: list[float] | None = Field(
+        None, description="relative amount of the MLP cut for each entry of layers (same order); "
+                          "omitted or empty: the profile's suggestion (LayerRow.mlp_cut), or an "
+                          "even split where it suggests nothing for these layers")
+
+    @field_validator("mlp_shares", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value):
+        return None if value == [] else value
 
 
 class Proposal(BaseModel):
@@ -122,6 +145,12 @@ def validate_proposal(proposal: Proposal, context: PlannerContext) -> list[str]:
             problems.append(f"width.layers {bad} do not exist (valid: 0..{n - 1})")
         if len(set(proposal.width.layers)) != len(proposal.width.layers):
             problems.append("width.layers repeats a layer")
+        shares = proposal.width.mlp_shares
+        if shares is not None and (len(shares) != len(proposal.width.layers) or not proposal.width.layers):
+            problems.append(f"width.mlp_shares has {len(shares)} entries; give one per entry of "
+                            f"width.layers ({len(proposal.width.layers)})")
+        elif shares is not None and (min(shares) < 0 or sum(shares) <= 0):
+            problems.append("width.mlp_shares must be non-negative with a positive sum")
     return problems
 
 

@@ -198,21 +198,24 @@ class RunContext:
         while len(self._models) > self.MODEL_CACHE:
             self._models.popitem(last=False)
 
-    def build_candidate(self, model, manifest, actions: list[dict], profile: dict, target: Path) -> dict:
-        """Apply ``actions`` to a copy of ``model``, recover it, and save it under ``target``."""
+    def build_candidate(self, model, manifest, actions: list[dict], profile: dict, target: Path,
+                        pruner: str = "l2") -> dict:
+        """Apply ``actions`` to a copy of ``model`` (structures chosen by ``pruner``'s scores from
+        ``profile``), recover it, and save it under ``target``."""
         from agent_prune.actions import apply_actions, side_tensors
         from agent_prune.agent.decisions import describe_actions
         from agent_prune.models.accounting import count_parameters
+        from agent_prune.sensitivity.schema import SensitivityProfile
 
         candidate = copy.deepcopy(model)
-        scores = {layer["index"]: layer["structures"] for layer in profile["layers"]}
+        scores = dict(enumerate(SensitivityProfile.model_validate(profile).structure_scores(pruner)))
         new_manifest = apply_actions(candidate, actions, manifest, scores=scores,
                                      protected=profile.get("protected", []))
         recovery = self.recover(candidate, new_manifest)
         counts = count_parameters(candidate, base_prunable=new_manifest.base.prunable_parameters)
         info = {"params": counts.total, "prunable": counts.prunable,
                 "sparsity": round(counts.structural_sparsity, 6), "summary": describe_actions(actions),
-                "recovery": recovery}
+                "pruner": pruner, "recovery": recovery}
         write_state_dir(target, new_manifest.model_dump(mode="json"),
                         side_tensors(candidate, new_manifest), {"actions": actions, **info})
         self._remember(str(target.resolve()), candidate.eval(), new_manifest)
@@ -229,7 +232,7 @@ class RunContext:
         from agent_prune.recovery import reconstruct
 
         report = reconstruct(model, self.base.model, manifest, self.calibration)  # marks overrides
-        return {"method": "reconstruct", "mode": report.mode, "seconds": round(report.seconds, 2),
+        return {"method": "reconstruct", "seconds": round(report.seconds, 2),
                 "modules": len(report.overrides)}
 
     def heal(self, model, manifest, share: float) -> dict:

@@ -37,6 +37,7 @@ class ForwardStats:
     wanda_p10: float
     modules: dict[str, dict]
     structures: dict[str, list[float]]
+    structures_l2: dict[str, list[float]]
     spikes: list[SpikeCandidate] = field(default_factory=list)
     peak_ratio: float = 0.0
 
@@ -120,6 +121,10 @@ def forward_stats(
             "heads": heads.tolist(),
             "mlp_channels": channel_collector.channel_scores().tolist(),
         },
+        structures_l2={k: v.tolist() for k, v in metrics.l2_structures(
+            metrics.column_l2_scores(channel_collector.sum_squares, channel_collector.module.weight),
+            heads_collector.sum_squares, heads_collector.module.weight, widths.num_kv_heads,
+            adapter.head_dim).items()},
         spikes=channel_collector.spikes(spike_ratio, spike_min),
         peak_ratio=channel_collector.peak_ratio(),
     )

@@ -76,6 +76,20 @@ def channel_output_l1(abs_input_sum: torch.Tensor, down_weight: torch.Tensor) ->
     return abs_input_sum.float() * down_weight.detach().abs().float().sum(dim=0)
 
 
+def column_l2_scores(sum_squares: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per input column ``j`` of a linear, ``||X_j||_2 * ||W[:, j]||_2``: the norm of what that input
+    channel writes to the output (Wanda-sp's structured score with L2 norms, arXiv 2312.11983)."""
+    return sum_squares.double().sqrt().float() * weight.detach().float().norm(dim=0)
+
+
+def l2_structures(channel_scores: torch.Tensor, o_sum_squares: torch.Tensor, o_weight: torch.Tensor,
+                  num_kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """L2 structure scores: an MLP channel's :func:`column_l2_scores` of ``down_proj``; a head's is the
+    root of the summed squares of its ``o_proj`` columns' scores; a KV group sums its heads."""
+    heads = column_l2_scores(o_sum_squares, o_weight).pow(2).reshape(-1, head_dim).sum(dim=1).sqrt()
+    return {"kv_groups": kv_group_scores(heads, num_kv_heads), "heads": heads, "mlp_channels": channel_scores}
+
+
 def kv_group_scores(head_scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """A KV group's score: the sum of the scores of the query heads that read it (GQA)."""
     return head_scores.reshape(num_kv_heads, -1).sum(dim=1)

@@ -265,7 +265,7 @@ def _forward_record(index: int, source: int, fingerprint: str, stats: ForwardSta
         intermediate_size=stats.intermediate_size, block_influence=stats.block_influence,
         angular_distance=stats.angular_distance, wanda=stats.wanda, wanda_p10=stats.wanda_p10,
         modules={name: ModuleStats(**values) for name, values in stats.modules.items()},
-        structures=Structures(**stats.structures),
+        structures=Structures(**stats.structures), structures_l2=Structures(**stats.structures_l2),
     )
 
 

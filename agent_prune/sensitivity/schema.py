@@ -39,6 +39,10 @@ DEFINITIONS = {
     "structures": "AMP (arXiv 2504.21174): heads = mean over tokens of ||W_o[:, head] z_head||_1; "
                   "mlp_channels = mean over tokens of |a_j| * ||W_down[:, j]||_1; kv_groups = sum of "
                   "the scores of the query heads a KV group serves. Higher = more important.",
+    "structures_l2": "Wanda-sp with L2 norms (arXiv 2312.11983): mlp_channels = ||a_j||_2 * "
+                     "||W_down[:, j]||_2 over all calibration tokens; heads = root of the summed squares "
+                     "of ||x_c||_2 * ||W_o[:, c]||_2 over the head's o_proj columns; kv_groups = sum of "
+                     "its heads. Higher = more important.",
     "structures_taylor": "sum of |W * dL/dW| over the weights a structure owns: head = its q_proj rows + "
                          "o_proj columns; kv_group = its heads + its k_proj/v_proj rows; mlp_channel = "
                          "its gate_proj row + up_proj row + down_proj column",
@@ -89,6 +93,7 @@ class LayerProfile(_Record):
     z: dict[str, float | None] = Field(default_factory=dict)
     modules: dict[str, ModuleStats]
     structures: Structures
+    structures_l2: Structures | None = None  # absent from profiles written before it existed
     structures_taylor: Structures | None = None
     reused: bool = Field(False, description="forward metrics copied from an earlier profile (partial)")
 
@@ -165,9 +170,12 @@ class SensitivityProfile(_Record):
     def zscore(self, name: str) -> list[float | None]:
         return [layer.z.get(name) for layer in self.layers]
 
-    def structure_scores(self, method: Literal["amp", "taylor"] = "amp") -> list[dict[str, list[float]]]:
+    def structure_scores(
+        self, method: Literal["amp", "l2", "taylor"] = "amp"
+    ) -> list[dict[str, list[float]]]:
         """Per current layer ``{"kv_groups", "heads", "mlp_channels"}`` score lists for pruners."""
-        chosen = [layer.structures if method == "amp" else layer.structures_taylor for layer in self.layers]
+        field = {"amp": "structures", "l2": "structures_l2", "taylor": "structures_taylor"}[method]
+        chosen = [getattr(layer, field) for layer in self.layers]
         if any(s is None for s in chosen):
             raise InputError(f"this profile has no {method} structure scores",
                              "profile with gradients for Taylor scores")

@@ -5,9 +5,12 @@ Rule (documented in the README):
   (ShortGPT, Gromov et al.: a layer that barely changes its input is expendable); propose them
   least important first, never the first or last layer, protected layers, or layers whose removal
   was just rolled back.
-- width: thin every layer whose width importance (mean z of the Wanda 10th-percentile score and
-  the first-order Taylor score) is below ``spare_z``, least important first, sparing clear outliers;
-  MLP channels only (on GQA models a single KV group is a large share of a layer's attention).
+- width: MLP channels only (on GQA models a single KV group is a large share of a layer's
+  attention), chosen by the L2 pruner, in the per-layer amounts the profile suggests (``mlp_cut``:
+  the step's channels ranked across layers by standardised L2 score, FLAP-style,
+  :mod:`agent_prune.agent.allocation`). Without suggestions (a profile without L2 scores), thin
+  evenly every layer whose width importance (mean z of the Wanda 10th-percentile score and the
+  first-order Taylor score) is below ``spare_z``, least important first.
 The loop evaluates both candidates and keeps the better one, so the rule only has to propose
 sensible candidates, not pick between them.
 """
@@ -61,10 +64,17 @@ def heuristic_proposal(context: PlannerContext, spare_z: float = 1.0) -> Proposa
     depth_order = sorted(context.layers, key=lambda r: (mean_z(r, DEPTH_METRICS), r.index))
     depth_layers = [r.index for r in depth_order
                     if not r.protected and r.index not in (0, last) and r.index not in avoid]
-    width_order = sorted(context.layers, key=lambda r: (mean_z(r, WIDTH_METRICS), r.index))
-    width_layers = [r.index for r in width_order if mean_z(r, WIDTH_METRICS) < spare_z]
+    suggested = sorted((r for r in context.layers if r.mlp_cut > 0), key=lambda r: (-r.mlp_cut, r.index))
+    if suggested:
+        width_layers = [r.index for r in suggested]
+        shares = [float(r.mlp_cut) for r in suggested]
+    else:
+        width_order = sorted(context.layers, key=lambda r: (mean_z(r, WIDTH_METRICS), r.index))
+        width_layers = [r.index for r in width_order if mean_z(r, WIDTH_METRICS) < spare_z]
+        shares = None
     depth = DepthProposal(layers=depth_layers) if depth_layers and "depth" in context.branches else None
-    width = WidthProposal(layers=width_layers, mlp_share=1.0) if "width" in context.branches else None
+    width = (WidthProposal(layers=width_layers, mlp_share=1.0, pruner="l2", mlp_shares=shares)
+             if "width" in context.branches else None)
     rationale = _rationale(context, depth_layers, width_layers)
     return Proposal(rationale=rationale, depth=depth, width=width)
 
@@ -76,6 +86,10 @@ def _rationale(context: PlannerContext, depth_layers: list[int], width_layers: l
         parts.append(f"layer {first.index} has the lowest depth importance "
                      f"(z={mean_z(first, DEPTH_METRICS):+.2f})")
     spared = context.num_layers - len(width_layers)
-    parts.append(f"thin MLP channels in {len(width_layers)} layers, sparing {spared} "
-                 f"with width importance z >= 1")
+    if any(r.mlp_cut for r in context.layers):
+        parts.append(f"thin MLP channels (L2 scores) in {len(width_layers)} layers in the suggested "
+                     f"amounts, sparing {spared}")
+    else:
+        parts.append(f"thin MLP channels in {len(width_layers)} layers, sparing {spared} "
+                     f"with width importance z >= 1")
     return "; ".join(parts) + "."

@@ -1,0 +1,102 @@
+"""Each width pruner of the loop as a one-shot method on the shared model: score x allocation x
+compensation, through the project's own code (profile, allocation, actions, reconstruction).
+
+Protocol: SmolLM2-135M-Instruct (fp32, CPU); the MLP channels of ``--sparsity`` of the prunable
+(decoder linear) parameters removed in one shot; channel scores from the sensitivity profile on
+``--calib`` C4 calibration windows of 512 tokens (seed 0, the loop's ``calibration_windows``);
+allocation ``even`` (the same count in every layer) or ``global`` (standardised scores ranked across
+layers, :mod:`agent_prune.agent.allocation`, at most 60% of a layer); compensation ``none`` or
+``refit`` (local reconstruction of each cut ``down_proj`` toward the dense MLP on the same windows);
+WikiText-2 raw test perplexity, seqlen 512, first 32 windows.
+
+    python bench/width_pruners.py \
+        --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --data-dir ../shared/data --json-out bench/results/width_pruners_20.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent_prune.actions import apply_actions, dense_manifest
+from agent_prune.agent.allocation import global_allocation
+from agent_prune.agent.candidates import mlp_channel_cost
+from agent_prune.data.corpora import c4_documents, calibration_windows
+from agent_prune.data.sources import resolve_data_dir
+from agent_prune.io import atomic_write_json
+from agent_prune.models.accounting import count_parameters
+from agent_prune.models.loading import load_model
+from agent_prune.recovery.reconstruct import reconstruct
+from agent_prune.sensitivity import profile_model
+from bench._shared import perplexity
+
+MAX_LAYER_CUT = 0.6
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--sparsity", type=float, default=0.2)
+    p.add_argument("--calib", type=int, default=32, help="C4 calibration windows")
+    p.add_argument("--rows", default="l2:even:none,l2:even:refit,l2:global:none,l2:global:refit,"
+                                     "amp:global:refit", help="comma list of score:allocation:compensation")
+    p.add_argument("--json-out", default=None)
+    return p.parse_args(argv)
+
+
+def counts_per_layer(scores: list[list[float]], total: int, allocation: str) -> list[int]:
+    sizes = [len(s) for s in scores]
+    if allocation == "even":
+        base, extra = divmod(total, len(sizes))
+        return [base + (1 if i < extra else 0) for i in range(len(sizes))]
+    return global_allocation(scores, total, [int(MAX_LAYER_CUT * n) for n in sizes])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_dir = resolve_data_dir(args.data_dir)
+    loaded = load_model(args.model)
+    dense = loaded.model
+    windows = calibration_windows(loaded.tokenizer, c4_documents(data_dir), args.calib, 512, seed=0)
+    rows = [tuple(r.split(":")) for r in args.rows.split(",")]
+    started = time.perf_counter()
+    profile = profile_model(dense, windows, gradients=any(r[0] == "taylor" for r in rows))
+    profile_s = time.perf_counter() - started
+    prunable = count_parameters(dense).prunable
+    total = round(args.sparsity * prunable / mlp_channel_cost(loaded.adapter.hidden_size))
+    results = []
+    for score, allocation, compensation in rows:
+        started = time.perf_counter()
+        structures = profile.structure_scores(score)
+        counts = counts_per_layer([s["mlp_channels"] for s in structures], total, allocation)
+        actions = [{"kind": "prune_width", "layer": i, "mlp_channels": c} for i, c in enumerate(counts) if c]
+        model = copy.deepcopy(dense)
+        manifest = apply_actions(model, actions, dense_manifest(model), scores=dict(enumerate(structures)))
+        if compensation == "refit":
+            reconstruct(model, dense, manifest, windows)
+        seconds = time.perf_counter() - started + profile_s
+        row = {"score": score, "allocation": allocation, "compensation": compensation,
+               "sparsity": round(count_parameters(model, base_prunable=prunable).structural_sparsity, 4),
+               "channels_kept": [len(s["mlp_channels"]) - c for s, c in zip(structures, counts)],
+               "ppl": round(perplexity(model, loaded.tokenizer, data_dir), 2), "seconds": round(seconds, 1)}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        del model
+    if args.json_out:
+        atomic_write_json(Path(args.json_out), {
+            "protocol": {"model": args.model, "sparsity": args.sparsity, "calib_windows": args.calib,
+                         "seqlen": 512, "ppl": "WikiText-2 raw test, seqlen 512, first 32 windows"},
+            "rows": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
