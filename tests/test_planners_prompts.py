@@ -36,12 +36,13 @@ def test_prompt_files_exist():
 def test_profile_table_has_one_line_per_layer():
     context = example_context(num_layers=30)
     lines = profile_table(context).splitlines()
-    assert lines[0].split() == ["layer", "src", "params", "heads/kv/mlp", "BI", "AD", "W", "W10", "G", "T"]
+    assert lines[0].split() == ["layer", "src", "params", "heads/kv/mlp", "cut", "BI", "AD", "W", "W10", "G",
+                                "T"]
     assert len(lines) == 31
     first = lines[1].split()
-    assert first[:4] == ["0", "0", "3.54", "9/3/1536"] and first[-1] == "P"
+    assert first[:5] == ["0", "0", "3.54", "9/3/1536", "0"] and first[-1] == "P"
     assert not lines[2].endswith("P")
-    assert all(len(cell.split(".")[-1]) == 1 for cell in first[4:-1])  # z to one decimal
+    assert all(len(cell.split(".")[-1]) == 1 for cell in first[5:-1])  # z to one decimal
     assert "-0.0" not in profile_table(context)
 
 

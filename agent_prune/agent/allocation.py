@@ -1,9 +1,9 @@
 """How much of a width step each layer gives up: a global ranking of standardised channel scores.
 
 FLAP (An et al., arXiv 2312.11983) standardises each layer's structure scores (z within the layer)
-and removes the globally lowest: a layer whose scores have a long low tail (a few channels carry
-it, many barely matter) gives up more than one whose channels all pull their weight, whatever the
-layers' absolute scales. On the shared model this spares the layers FLAP spares (1-2, 9-11, 28-29)
+and removes the globally lowest: a layer whose weakest channels sit far below its typical channel,
+in units of its own spread, gives up more than one whose channels all pull their weight, whatever
+the layers' absolute scales. On the shared model this spares the layers FLAP spares (1-2, 9-11, 28-29)
 and beats an even split (docs/benchmarks.md, "Width pruners").
 Pure functions on plain lists; the planner reads the result as suggested per-layer shares.
 """

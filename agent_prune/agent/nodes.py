@@ -204,6 +204,7 @@ class LoopNodes:
                 chosen = {**chosen, "metrics": decisions.headline(read_json(step_dir / "signals.json"))}
             summary = f"{chosen['branch']}: " + decisions.describe_actions(chosen["actions"])
             record = StepRecord(iteration=iteration, branch=chosen["branch"], summary=summary,
+                                pruner=chosen.get("pruner") if chosen["branch"] == "width" else None,
                                 sparsity=chosen["sparsity"], **decisions.history_metrics(chosen))
             update.update(
                 current={"step": step, "dir": str(step_dir), "sparsity": chosen["sparsity"],

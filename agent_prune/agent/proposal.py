@@ -37,6 +37,7 @@ class StepRecord(BaseModel):
     sparsity: float
     perplexity: float
     probe_accuracy: float | None = None
+    pruner: str | None = None  # width steps: the pruner that chose the structures
 
 
 class PlannerContext(BaseModel):

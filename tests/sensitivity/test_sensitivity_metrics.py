@@ -113,3 +113,17 @@ def test_depth_metrics_of_known_vectors():
     cos = metrics.token_cosine(x_in, x_out)
     assert cos[0].tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
     assert metrics.angular_distance(cos)[0].tolist() == pytest.approx([0.5, 0.0], abs=1e-3)
+
+
+def test_l2_structure_scores_are_what_each_structure_writes_to_the_output():
+    torch.manual_seed(0)
+    acts = torch.randn(50, 6)
+    weight = torch.randn(4, 6)
+    channels = metrics.column_l2_scores(acts.pow(2).sum(0).double(), weight)
+    expected = torch.stack([acts[:, j].norm() * weight[:, j].norm() for j in range(6)])
+    torch.testing.assert_close(channels, expected)
+    # 3 heads of head_dim 2 over the same columns; 1 KV group serves heads 0-2
+    structures = metrics.l2_structures(channels, acts.pow(2).sum(0).double(), weight, 1, 2)
+    heads = torch.stack([channels[2 * h: 2 * h + 2].pow(2).sum().sqrt() for h in range(3)])
+    torch.testing.assert_close(structures["heads"], heads)
+    torch.testing.assert_close(structures["kv_groups"], heads.sum().reshape(1))

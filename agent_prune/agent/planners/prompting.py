@@ -14,7 +14,7 @@ from string import Template
 
 from agent_prune.agent.planners.base import FailedStep
 from agent_prune.agent.planners.budget import open_branches, width_min_layers
-from agent_prune.agent.proposal import PlannerContext, Proposal
+from agent_prune.agent.proposal import PRUNERS, PlannerContext, Proposal
 
 PROMPT_DIR = Path(__file__).resolve().parents[2] / "prompts"
 
@@ -48,11 +48,11 @@ def metric_legend(context: PlannerContext) -> str:
 def profile_table(context: PlannerContext) -> str:
     """One line per layer: index, source layer, params (M), heads/kv/mlp, z-scores, protected."""
     metrics = metric_names(context)
-    header = ["layer", "src", "params", "heads/kv/mlp", *(METRIC_COLUMNS.get(m, m) for m in metrics)]
+    header = ["layer", "src", "params", "heads/kv/mlp", "cut", *(METRIC_COLUMNS.get(m, m) for m in metrics)]
     lines = [" ".join(header)]
     for row in context.layers:
         cells = [str(row.index), str(row.source), f"{row.params / 1e6:.2f}",
-                 f"{row.heads}/{row.kv_heads}/{row.mlp_channels}"]
+                 f"{row.heads}/{row.kv_heads}/{row.mlp_channels}", str(row.mlp_cut)]
         cells += [_z(row.z[m]) if m in row.z else "-" for m in metrics]
         if row.protected:
             cells.append("P")
@@ -71,7 +71,8 @@ def history_lines(context: PlannerContext) -> str:
     lines = []
     for step in context.history:
         probe = f", probe {step.probe_accuracy:.1%}" if step.probe_accuracy is not None else ""
-        lines.append(f"- step {step.iteration} ({step.branch}): {step.summary}; sparsity "
+        branch = f"{step.branch}, {step.pruner}" if step.pruner else step.branch
+        lines.append(f"- step {step.iteration} ({branch}): {step.summary}; sparsity "
                      f"{step.sparsity:.1%}, perplexity {step.perplexity:.2f}{probe}")
     return "\n".join(lines)
 
@@ -109,6 +110,7 @@ def propose_messages(context: PlannerContext) -> list[dict]:
         rejected_layers=", ".join(map(str, context.rejected_layers)) or "none",
         branches=branches_line(context),
         width_min=width_min_layers(context),
+        pruners="; ".join(f"{name}: {text}" for name, text in PRUNERS.items()) + ".",
     )
     return _chat(user)
 
