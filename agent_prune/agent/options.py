@@ -53,14 +53,22 @@ class RunOptions(BaseModel):
                                                     "parameters; default one layer's worth")
     branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
     select_by: Literal["perplexity", "kl"] = "perplexity"
-    recovery: Literal["none", "reconstruct", "distill"] = "reconstruct"
+    recovery: Literal["none", "reconstruct", "distill"] = Field(
+        "reconstruct", description="reconstruct: refit each candidate's cut o_proj/down_proj toward the "
+                                   "dense sub-block on its own inputs (agent_prune.recovery.reconstruct); "
+                                   "distill: heal each accepted step; none: the cut alone")
     heal_tokens: int = Field(200_000, ge=0)
     heal_seconds: float = Field(1200.0, ge=0)
     eval_windows: int = Field(8, ge=2)
     probe_limit: int = Field(120, ge=4)
     kl_windows: int = Field(4, ge=0)
     seqlen: int = Field(512, ge=16)
-    calib_samples: int = Field(32, ge=1)
+    profile_gradients: bool = Field(
+        False, description="gradient and Taylor metrics in each step's profile (the taylor pruner needs "
+                           "them); off by default: the default pruner and the heuristic read forward "
+                           "metrics only, and the backward pass doubles the profile's cost")
+    calib_samples: int = Field(32, ge=1, description="C4 windows of seqlen tokens for the profile and "
+                                                       "the reconstruction of each candidate")
     seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"

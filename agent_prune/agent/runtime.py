@@ -131,7 +131,7 @@ class RunContext:
         profile = profile_model(
             model, self.calibration, device=self.options.device, progress=progress,
             layer_sources=[record.source for record in manifest.layers], dataset="c4",
-            seed=self.options.seed, model_name=self.options.model,
+            seed=self.options.seed, model_name=self.options.model, gradients=self.options.profile_gradients,
         )
         return profile.model_dump(mode="json")
 
@@ -208,7 +208,10 @@ class RunContext:
         from agent_prune.sensitivity.schema import SensitivityProfile
 
         candidate = copy.deepcopy(model)
-        scores = dict(enumerate(SensitivityProfile.model_validate(profile).structure_scores(pruner)))
+        parsed = SensitivityProfile.model_validate(profile)
+        if pruner == "taylor" and parsed.layers[0].structures_taylor is None:
+            pruner = "l2"  # a run profiled without gradients has no Taylor scores; the record says so
+        scores = dict(enumerate(parsed.structure_scores(pruner)))
         new_manifest = apply_actions(candidate, actions, manifest, scores=scores,
                                      protected=profile.get("protected", []))
         recovery = self.recover(candidate, new_manifest)

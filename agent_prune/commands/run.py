@@ -65,16 +65,17 @@ def add_run_args(parser) -> None:
     parser.add_argument("--branches", help="comma list of depth,width (default both)")
     parser.add_argument("--select-by", choices=("perplexity", "kl"), help="candidate choice signal")
     parser.add_argument("--recovery", choices=("none", "reconstruct", "distill"),
-                        help="reconstruct: refit each candidate; distill: heal each accepted step "
-                             "(default none: reconstruction raised the loop's WikiText perplexity, "
-                             "docs/benchmarks.md)")
+                        help="reconstruct (default): refit each cut layer's o_proj/down_proj toward "
+                             "the dense sub-block on the candidate's own inputs; distill: heal each "
+                             "accepted step; none: the cut alone (docs/benchmarks.md, Compensation)")
     parser.add_argument("--heal-tokens", type=int, help="distillation token budget (distill)")
     parser.add_argument("--heal-seconds", type=float, help="distillation wall-clock budget (distill)")
     parser.add_argument("--eval-windows", type=int, help="WikiText-2 validation windows per score")
     parser.add_argument("--probe-limit", type=int, help="FreebaseQA multiple-choice questions per score")
     parser.add_argument("--kl-windows", type=int, help="held-out C4 windows for KL to dense (0: off)")
     parser.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
-    parser.add_argument("--calib-samples", type=int, help="C4 calibration windows (default 16)")
+    parser.add_argument("--calib-samples", type=int,
+                        help="C4 calibration windows for profiling and reconstruction (default 32)")
     parser.add_argument("--seed", type=int)
     for flag in GATE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=float, dest=flag,

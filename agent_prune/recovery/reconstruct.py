@@ -91,14 +91,20 @@ def reconstruct(
     _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope)
     windows = windows.to(next(pruned.parameters()).device)  # calibration ids may sit on the CPU
     n_fit = windows.shape[0] - heldout
-    kwargs = layer_kwargs(p_adapter, windows[0])
-    with torch.no_grad():
-        stream = embed(p_adapter, windows)
+    plan = [_modules_to_refit(p_adapter, d_adapter, layer, d_adapter.layers()[source], scope)
+            for layer, source in zip(p_adapter.layers(), sources)]
+    last = max((i for i, modules in enumerate(plan) if modules), default=-1)
+    kwargs = layer_kwargs(p_adapter, windows[0]) if last >= 0 else []
+    with torch.no_grad():  # nothing to refit (a depth cut): no walk at all
+        stream = embed(p_adapter, windows) if last >= 0 else None
     parts = _parts(windows.shape[0], n_fit, batch_size)
     records, overrides = [], []
     for index, source in enumerate(sources):
+        modules = plan[index]
+        if index > last:  # past the last refit the stream is not needed
+            records.append(_record(index, source, [], {}))
+            continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
-        modules = _modules_to_refit(p_adapter, d_adapter, layer, dense_layer, scope)
         errors = {}
         if ATTN_OUT in modules:
             errors[ATTN_OUT] = _refit(layer, p_adapter.attention(layer), d_adapter.attention(dense_layer),
