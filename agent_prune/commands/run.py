@@ -26,7 +26,7 @@ FLAG_FIELDS = (
     "model", "out", "target_sparsity", "planner", "planner_base_url", "planner_timeout",
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
     "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
-    "data_dir", "device", "dtype",
+    "data_dir", "device", "dtype", "profile_gradients",
 )
 GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
               "min_probe_accuracy_ratio": float}
@@ -76,6 +76,9 @@ def add_run_args(parser) -> None:
     parser.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
     parser.add_argument("--calib-samples", type=int,
                         help="C4 calibration windows for profiling and reconstruction (default 32)")
+    parser.add_argument("--profile-gradients", action="store_true", default=None,
+                        help="add gradient and Taylor metrics to each step's profile (the taylor "
+                             "pruner needs them; doubles the profile's cost)")
     parser.add_argument("--seed", type=int)
     for flag in GATE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=float, dest=flag,

@@ -105,18 +105,13 @@ def reconstruct(
             records.append(_record(index, source, [], {}))
             continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
-        errors = {}
-        if ATTN_OUT in modules:
-            errors[ATTN_OUT] = _refit(layer, p_adapter.attention(layer), d_adapter.attention(dense_layer),
-                                      p_adapter.attention_projections(layer)["o_proj"], stream, parts,
-                                      kwargs[index], ridge)
-        if MLP_OUT in modules:
-            errors[MLP_OUT] = _refit(layer, p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
-                                     p_adapter.mlp_projections(layer)["down_proj"], stream, parts,
-                                     kwargs[index], ridge)
-        with torch.no_grad():
-            for part in batches(stream.shape[0], batch_size):
-                stream[part] = run_layer(layer, stream[part], kwargs[index])
+        blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
+                             p_adapter.attention_projections(layer)["o_proj"]),
+                  MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
+                            p_adapter.mlp_projections(layer)["down_proj"])}
+        before = {m: _refit(layer, *blocks[m], stream, parts, kwargs[index], ridge) for m in modules}
+        after = _advance(layer, [blocks[m][:2] for m in modules], stream, parts, kwargs[index])
+        errors = {m: (before[m], errors) for m, errors in zip(modules, after)}
         records.append(_record(index, source, modules, errors))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
@@ -178,35 +173,65 @@ class _Errors:
         return err / ref if ref > 0 else None
 
 
+class _DenseTargets:
+    """While active, every forward of ``block`` also runs ``dense_block`` on the same inputs; the
+    last pair is kept (``output``, ``target``) and added to ``errors`` if one is set."""
+
+    def __init__(self, block: nn.Module, dense_block: nn.Module):
+        self.dense_block = dense_block
+        self.output = self.target = None
+        self.errors: _Errors | None = None
+        self.fitted = True
+        self.handle = block.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs, output):
+        self.target = _first(self.dense_block(*args, **kwargs))
+        self.output = _first(output)
+        if self.errors is not None:
+            self.errors.add(self.fitted, self.output, self.target)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 @torch.no_grad()
 def _refit(layer: nn.Module, block: nn.Module, dense_block: nn.Module, projection: nn.Linear,
-           stream: torch.Tensor, parts, kwargs: dict, ridge: float) -> tuple[_Errors, _Errors]:
+           stream: torch.Tensor, parts, kwargs: dict, ridge: float) -> _Errors:
     """Refit ``projection`` (the last linear of ``block``) so ``block`` reproduces ``dense_block`` on
-    the inputs the pruned layer feeds it; returns the errors before and after."""
-    seen: dict = {}
-
-    def capture(_module, args, block_kwargs, output):
-        seen["target"] = _first(dense_block(*args, **block_kwargs))
-        seen["output"] = _first(output)
-
+    the inputs the pruned layer feeds it; returns the errors before the refit."""
     collector = LeastSquaresCollector(projection.in_features, projection.out_features)
-    before, after = _Errors(), _Errors()
-    handle = block.register_forward_hook(capture, with_kwargs=True)
+    watch = _DenseTargets(block, dense_block)
+    watch.errors = before = _Errors()
     try:
-        with tap(projection) as inputs:
+        with tap(projection) as seen:
             for part, fitted in parts:
+                watch.fitted = fitted
                 run_layer(layer, stream[part], kwargs)
-                before.add(fitted, seen["output"], seen["target"])
                 if fitted:
-                    collector.add_batch(inputs.inputs, _minus_bias(seen["target"], projection))
-        projection.weight.copy_(collector.solve(ridge).to(projection.weight.dtype))
-        collector.free()
-        for part, fitted in parts:  # measure the refit on the same inputs
-            run_layer(layer, stream[part], kwargs)
-            after.add(fitted, seen["output"], seen["target"])
+                    collector.add_batch(seen.inputs, _minus_bias(watch.target, projection))
     finally:
-        handle.remove()
-    return before, after
+        watch.remove()
+    projection.weight.copy_(collector.solve(ridge).to(projection.weight.dtype))
+    collector.free()
+    return before
+
+
+@torch.no_grad()
+def _advance(layer: nn.Module, blocks: list[tuple[nn.Module, nn.Module]], stream: torch.Tensor, parts,
+             kwargs: dict) -> list[_Errors]:
+    """Move the stream through the refitted layer, measuring each refitted block on the way."""
+    watches = [_DenseTargets(block, dense_block) for block, dense_block in blocks]
+    for watch in watches:
+        watch.errors = _Errors()
+    try:
+        for part, fitted in parts:
+            for watch in watches:
+                watch.fitted = fitted
+            stream[part] = run_layer(layer, stream[part], kwargs)
+    finally:
+        for watch in watches:
+            watch.remove()
+    return [watch.errors for watch in watches]
 
 
 def _first(output):
