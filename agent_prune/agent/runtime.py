@@ -214,7 +214,7 @@ class RunContext:
         scores = dict(enumerate(parsed.structure_scores(pruner)))
         new_manifest = apply_actions(candidate, actions, manifest, scores=scores,
                                      protected=profile.get("protected", []))
-        recovery = self.recover(candidate, new_manifest)
+        recovery = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
         counts = count_parameters(candidate, base_prunable=new_manifest.base.prunable_parameters)
         info = {"params": counts.total, "prunable": counts.prunable,
                 "sparsity": round(counts.structural_sparsity, 6), "summary": describe_actions(actions),
@@ -224,7 +224,7 @@ class RunContext:
         self._remember(str(target.resolve()), candidate.eval(), new_manifest)
         return info
 
-    def recover(self, model, manifest) -> dict | None:
+    def recover(self, model, manifest, first_changed: int = 0) -> dict | None:
         """Local reconstruction of a candidate (``--recovery reconstruct``), as MoP does.
 
         ``distill`` heals accepted steps only: on the shared model, reconstruction on the loop's 16 C4
@@ -234,7 +234,10 @@ class RunContext:
             return None
         from agent_prune.recovery import reconstruct
 
-        report = reconstruct(model, self.base.model, manifest, self.calibration)  # marks overrides
+        # Every state the loop builds on was reconstructed on the same windows (or is dense), so
+        # layers before this step's first change would refit to what they already hold.
+        report = reconstruct(model, self.base.model, manifest, self.calibration,
+                             first_changed=first_changed)  # marks overrides
         return {"method": "reconstruct", "seconds": round(report.seconds, 2),
                 "modules": len(report.overrides)}
 
@@ -332,6 +335,14 @@ class RunContext:
                                  windows=spec.windows, limit=limit, progress=self.reporter)
         atomic_write_json(path, results)
         return results
+
+
+def first_changed_layer(actions: list[dict]) -> int:
+    """The first current layer whose weights or inputs ``actions`` change (after a removal, the layer
+    that moves into the removed one's place)."""
+    indices = [a["layer"] for a in actions if "layer" in a]
+    indices += [i for a in actions for i in a.get("layers", [])]
+    return min(indices, default=0)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -75,6 +75,7 @@ def reconstruct(
     ridge: float = DEFAULT_RIDGE,
     heldout: int = 0,
     scope: str = "touched",
+    first_changed: int = 0,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReconstructionReport:
@@ -83,7 +84,9 @@ def reconstruct(
     ``manifest`` is the pruning manifest (refit modules are marked overridden in it, so checkpoints
     keep their values) or just the dense index of each pruned layer. The last ``heldout`` windows are
     not fitted on, only measured. ``scope``: ``touched`` refits the projections whose inputs were
-    cut; ``all`` refits both projections of every layer.
+    cut; ``all`` refits both projections of every layer. ``first_changed``: the first layer whose
+    weights or inputs differ from when the model was last reconstructed on the same ``windows``;
+    layers before it would refit to what they hold, so they are only walked through.
     """
     started = time.perf_counter()
     sources = layer_sources(manifest)
@@ -92,7 +95,8 @@ def reconstruct(
     windows = windows.to(next(pruned.parameters()).device)  # calibration ids may sit on the CPU
     n_fit = windows.shape[0] - heldout
     plan = [_modules_to_refit(p_adapter, d_adapter, layer, d_adapter.layers()[source], scope)
-            for layer, source in zip(p_adapter.layers(), sources)]
+            if index >= first_changed else []
+            for index, (layer, source) in enumerate(zip(p_adapter.layers(), sources))]
     last = max((i for i, modules in enumerate(plan) if modules), default=-1)
     kwargs = layer_kwargs(p_adapter, windows[0]) if last >= 0 else []
     with torch.no_grad():  # nothing to refit (a depth cut): no walk at all

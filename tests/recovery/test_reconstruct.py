@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -73,3 +75,18 @@ def test_bad_inputs_are_one_line_errors():
         reconstruct(pruned, dense, [0, 2, 1, 3], windows())
     with pytest.raises(InputError, match="held out"):
         reconstruct(pruned, dense, range(4), windows(4), heldout=4)
+
+
+def test_layers_before_the_first_change_would_refit_to_what_they_hold():
+    """The loop passes the first layer a step changes; skipping the layers before it gives the same
+    weights as refitting everything again."""
+    dense = tiny_model("llama")
+    first = cut_mlp(dense, 48)
+    reconstruct(first, dense, range(4), windows())
+    again = cut_mlp(first, 40, layers=[2])  # the next step thins layer 2 further
+    full, skipped = copy.deepcopy(again), copy.deepcopy(again)
+    reconstruct(full, dense, range(4), windows())
+    report = reconstruct(skipped, dense, range(4), windows(), first_changed=2)
+    assert [layer.modules for layer in report.layers[:2]] == [[], []]
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(skipped.state_dict()[key], value, rtol=1e-5, atol=1e-6)
