@@ -74,7 +74,8 @@ def check_run_state(run_dir: Path) -> None:
                              RESTART_HINT)
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        # Not read-only: a killed run leaves a write-ahead log that only a writer may fold back in.
+        with contextlib.closing(sqlite3.connect(path)) as db:
             healthy = db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
     except sqlite3.DatabaseError:
         healthy = False
