@@ -7,7 +7,7 @@ SHARED ?= ../shared
 # A CPU build of torch: on these machines pip takes it from a local file; elsewhere from PyPI.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo lint
+.PHONY: setup test test-fast test-min demo lint
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration"
+
+# The fast tests with the lowest dependency versions pyproject.toml allows (own venv: .venv-min).
+test-min:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash bench/min_versions.sh
 
 lint: setup
 	$(VENV)/bin/ruff check agent_prune tests bench

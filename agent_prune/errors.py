@@ -2,7 +2,8 @@
 
 Every problem caused by input (a path, a flag, a planner reply) is raised as a subclass of
 :class:`AgentPruneError`; the CLI prints ``error: <message> (<hint>)`` on one line and exits with
-the error's exit code instead of showing a traceback.
+the error's exit code instead of showing a traceback. Anything else is a crash (a bug, or the
+machine ran out of memory): one line too, with its own exit code, and ``--debug`` for the traceback.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_TARGET_NOT_REACHED = 1
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_CRASH = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so a terminated run stops (and resumes) exactly alike."""
 
 
 class AgentPruneError(Exception):

@@ -37,6 +37,20 @@ def error(status: int, message: str, code: str | None = None, headers: dict | No
                  headers=headers or {})
 
 
+def hold_request(server: ChatServer, number: int) -> threading.Event:
+    """Fail requests before the ``number``-th with a 503 (a planner then falls back to the heuristic)
+    and never answer that one; the event is set when it arrives, so a test knows the client is blocked
+    inside that request and can signal it at a point where it is guaranteed to be."""
+    arrived = threading.Event()
+
+    def hold(_request: dict) -> Reply:
+        arrived.set()
+        return Reply(hang=True)
+
+    server.add(*[error(503, "planner unavailable (test)")] * (number - 1), hold)
+    return arrived
+
+
 class ChatServer:
     def __init__(self):
         self.script: list[Reply | Callable[[dict], Reply]] = []

@@ -5,12 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from agent_prune.agent.trace import read_trace
 from tests.agent.loop_fixtures import tiny_run_options
+from tests.chat_server import ChatServer, hold_request
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "AGENT_PRUNE_TEST_THREADS": "1", "OMP_NUM_THREADS": "1"}
@@ -53,26 +54,41 @@ def test_run_not_reaching_target_exits_1_with_json(tmp_path):
     assert text.returncode == 0 and "raw reply" in text.stdout
 
 
-def test_interrupted_run_exits_130_and_resumes_to_0(tmp_path):
-    config = write_config(tmp_path, target_sparsity=0.3)
+def start_held_run(tmp_path: Path, server: ChatServer, at_request: int = 2) -> tuple:
+    """Start a run whose planner is the test's chat server, held at its ``at_request``-th request.
+
+    The first request fails (the heuristic planner steps in), so request 2 comes after the first
+    iteration's decision is checkpointed; it is never answered, so the run is blocked inside it.
+    """
+    config = write_config(tmp_path, target_sparsity=0.3, planner=f"openai:test-model@{server.url}",
+                          planner_options={"max_retries": 0})
     run_dir = tmp_path / "r"
+    arrived = hold_request(server, at_request)
+    err = (tmp_path / "stderr.txt").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "agent_prune", "run", "--config", str(config),
                              "--out", str(run_dir), "--quiet"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    trace = run_dir / "trace.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if trace.is_file() and '"event": "plan"' in trace.read_text():
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "resume with: agent-prune resume" in err
-    assert "Traceback" not in err
-    resumed = cli("resume", run_dir, "--json")
+                            stdout=subprocess.DEVNULL, stderr=err)
+    while not arrived.wait(1.0):  # not a timing guess: only notices a run that ended early
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+    return proc, run_dir
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated")])
+def test_stopped_run_exits_with_its_code_and_resumes_to_0(tmp_path, sig, code, word):
+    with ChatServer() as server:
+        proc, run_dir = start_held_run(tmp_path, server)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=300) == code
+        err = (tmp_path / "stderr.txt").read_text()
+        assert f"{word}; resume with: agent-prune resume {run_dir}" in err, err
+        assert "Traceback" not in err
+        resumed = cli("resume", run_dir, "--json")
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["status"] == "target_reached"
+    summary = json.loads(resumed.stdout)
+    assert summary["status"] == "target_reached"
+    decisions = [r for r in read_trace(run_dir / "trace.jsonl") if r["event"] == "decision"]
+    assert [d["iteration"] for d in decisions] == sorted({d["iteration"] for d in decisions})  # none redone
     again = cli("resume", run_dir)  # a finished run: nothing redone, its closing summary shown
     assert again.returncode == 0, again.stderr
     assert "target_reached" in again.stderr and "structural sparsity" in again.stderr
@@ -96,3 +112,28 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert not (tmp_path / "r").exists()  # nothing written for bad input
+
+
+@pytest.mark.parametrize("exc, words", [
+    (RuntimeError("index 7 is out of bounds\n  for dimension 0"),
+     "crashed with RuntimeError: index 7 is out of bounds for dimension 0; this is a bug"),
+    (MemoryError(), "out of memory (MemoryError)"),
+])
+def test_crash_exits_3_with_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys, exc,
+                                                                   words):
+    from agent_prune.agent import session
+    from agent_prune.cli import main
+
+    def crash(options, reporter=None):  # stands in for a bug (or OOM) anywhere inside a run
+        raise exc
+
+    monkeypatch.setattr(session, "start_run", crash)
+    argv = ["run", "--model", "m", "--out", str(tmp_path / "r"), "--target-sparsity", "0.2", "--quiet"]
+    assert main(argv) == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert "rerun with --debug for the traceback" in lines[0]
+    assert f"resume with: agent-prune resume {tmp_path / 'r'}" in lines[0]
+    assert main(["--debug", *argv]) == 3  # same exit code, traceback first
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.strip().splitlines()[-1] == lines[0]

@@ -68,8 +68,10 @@ def run_graph(ctx: RunContext, resume: bool = False) -> dict[str, Any]:
         app = build_graph(ctx).compile(checkpointer=saver)
         config = {**THREAD, "recursion_limit": 20 + 8 * ctx.options.max_iterations}
         snapshot = app.get_state(config)
-        if resume and snapshot.next:
-            ctx.trace.event("resume", pending=list(snapshot.next))
+        # A node that finished just before the process died leaves its writes pending on the last
+        # checkpoint: then ``next`` is empty but ``tasks`` is not, and invoke(None) applies them.
+        if resume and (snapshot.next or snapshot.tasks):
+            ctx.trace.event("resume", pending=list(snapshot.next) or [t.name for t in snapshot.tasks])
             app.invoke(None, config)
         elif not snapshot.values:  # a fresh run, or one that died before its first checkpoint
             app.invoke({}, config)

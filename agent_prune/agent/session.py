@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
 from agent_prune import __version__
 from agent_prune.agent.options import RunOptions
 from agent_prune.agent.runtime import Reporter, RunContext, planner_settings
-from agent_prune.data.sources import resolve_data_dir
+from agent_prune.data.corpora import C4_FILE, WIKITEXT_FILES
+from agent_prune.data.sources import check_jsonl_files, resolve_data_dir
+from agent_prune.data.tasks import FREEBASEQA_FILE, MC_FILES
 from agent_prune.errors import InputError
 from agent_prune.io import atomic_write_json, read_json
 from agent_prune.models.loading import resolve_device, resolve_model_source
 
 RUN_FILE = "run.json"
+STATE_FILE = "state.sqlite"  # written by agent.graph.open_checkpointer
+# The local data files a run reads (loop signals, calibration and the final evaluation)
+RUN_DATA_FILES = (*WIKITEXT_FILES.values(), C4_FILE, FREEBASEQA_FILE, MC_FILES["arc_easy"])
+RESTART_HINT = "restore it from a backup, or start again with 'agent-prune run --out' another directory"
 
 
 def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
@@ -24,7 +32,7 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
     # Fail on bad input before anything is written.
     resolve_model_source(options.model)
     resolve_device(options.device)
-    resolve_data_dir(options.data_dir)
+    check_jsonl_files(resolve_data_dir(options.data_dir), RUN_DATA_FILES)
     from agent_prune.agent.planners.spec import make_planner
 
     make_planner(options.planner, **planner_settings(options))  # a bad spec or option fails here
@@ -38,12 +46,41 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
 
 
 def resume_run(run_dir: str, reporter: Reporter | None = None) -> dict:
+    options = read_run_options(run_dir)
+    check_run_state(Path(run_dir))
+    return _drive(RunContext(options, reporter), resume=True)
+
+
+def read_run_options(run_dir: str | Path) -> RunOptions:
+    """The options a run was started with, from ``RUN_DIR/run.json``; a bad file is an InputError."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         raise InputError(f"{run_dir} is not a run directory (no {RUN_FILE})",
                          "pass the directory given to 'agent-prune run --out'")
-    options = RunOptions.model_validate(read_json(path)["options"])
-    return _drive(RunContext(options, reporter), resume=True)
+    try:
+        return RunOptions.model_validate(read_json(path)["options"])
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError and ValidationError are ValueErrors
+        raise InputError(f"{path} is corrupt (not the JSON that 'agent-prune run' writes)",
+                         RESTART_HINT) from None
+
+
+def check_run_state(run_dir: Path) -> None:
+    """The graph's checkpoints (``state.sqlite``) are there and readable, before anything is written."""
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        # state.sqlite is opened before the first trace record: a run without either never started.
+        if (run_dir / "trace.jsonl").is_file():
+            raise InputError(f"{path} is missing, so the run cannot continue where it stopped",
+                             RESTART_HINT)
+        return
+    try:
+        # Not read-only: a killed run leaves a write-ahead log that only a writer may fold back in.
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            healthy = db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    except sqlite3.DatabaseError:
+        healthy = False
+    if not healthy:
+        raise InputError(f"{path} is corrupt (not a readable SQLite database)", RESTART_HINT)
 
 
 def _drive(ctx: RunContext, resume: bool) -> dict:

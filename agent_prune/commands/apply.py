@@ -15,7 +15,9 @@ from pathlib import Path
 from rich.table import Table
 
 from agent_prune.commands.common import add_model_args, add_output_args, print_json, stderr_console
-from agent_prune.errors import InputError
+from agent_prune.errors import AgentPruneError, InputError
+
+EXAMPLE_HINT = 'write a JSON list such as [{"kind": "remove_layers", "layers": [12]}]'
 
 
 def add_parser(subparsers) -> None:
@@ -34,10 +36,26 @@ def read_actions(spec: str):
 
     path = Path(spec).expanduser()
     if path.is_file():
-        return parse_actions(path.read_text())
+        return parse_actions_file(path)
     if spec.lstrip().startswith(("[", "{")):
         return parse_actions(spec)
     raise InputError(f"actions file {spec} does not exist", "pass a JSON file with a list of actions")
+
+
+def parse_actions_file(path: Path):
+    """Actions from a file; every problem names the file, since the text itself is not on screen."""
+    from agent_prune.actions import parse_actions
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"actions file {path} is not UTF-8 text", EXAMPLE_HINT) from None
+    if not text.strip():
+        raise InputError(f"actions file {path} is empty", EXAMPLE_HINT)
+    try:
+        return parse_actions(text)
+    except AgentPruneError as exc:
+        raise InputError(f"actions file {path}: {exc.message}", exc.hint) from None
 
 
 def _sizes(model, base_prunable: int) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from agent_prune.commands.common import print_json, stderr_console
 from agent_prune.errors import InputError
@@ -26,17 +25,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from agent_prune.agent.options import RunOptions
     from agent_prune.agent.runtime import RunContext
-    from agent_prune.agent.session import RUN_FILE
-    from agent_prune.io import read_json
+    from agent_prune.agent.session import read_run_options
     from agent_prune.models.export import export_model
 
-    run_file = Path(args.run_dir) / RUN_FILE
-    if not run_file.is_file():
-        raise InputError(f"{args.run_dir} is not a run directory (no {RUN_FILE})",
-                         "pass the directory given to 'agent-prune run --out'")
-    ctx = RunContext(RunOptions.model_validate(read_json(run_file)["options"]))
+    ctx = RunContext(read_run_options(args.run_dir))
     index = ctx.store.index()
     step = index.best if args.step is None else args.step
     if step is None or step not in index.steps:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from agent_prune.errors import InputError
 
 DATA_DIR_ENV = "AGENT_PRUNE_DATA_DIR"
+RESTORE_HINT = "restore the file from the data set's source (see README 'Data')"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
@@ -46,19 +47,43 @@ def local_file(data_dir: Path, relative: str) -> Path:
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise InputError(f"{path}:{line_no} is not valid JSON",
-                                     "the data file is corrupt; restore it") from None
+    # Bytes per line, so that a file cut inside a multi-byte character is reported by line too.
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if raw.strip():
+                yield _json_row(path, line_no, raw)
+
+
+def _json_row(path: Path, line_no: int, raw: bytes) -> dict:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path}:{line_no} is not valid JSON (the file is truncated or corrupt)",
+                         RESTORE_HINT) from None
+
+
+def check_jsonl_files(data_dir: Path | None, relatives: Iterable[str]) -> None:
+    """Read every row of these local files once, so a corrupt one fails before a run writes anything."""
+    if data_dir is None:
+        return
+    for relative in relatives:
+        for _row in read_jsonl(local_file(data_dir, relative)):
+            pass
 
 
 def read_csv_rows(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+    rows = []
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                if None in row.values():  # DictReader fills the fields a cut row lacks with None
+                    raise InputError(f"{path}:{reader.line_num} has fewer fields than the header (the "
+                                     "file is truncated or corrupt)", RESTORE_HINT)
+                rows.append(row)
+    except (UnicodeDecodeError, csv.Error):
+        raise InputError(f"{path} is not a readable CSV file (truncated or corrupt)", RESTORE_HINT) from None
+    return rows
 
 
 def hub_dataset(name: str, config: str | None = None, split: str = "test", **kwargs):

@@ -110,7 +110,7 @@ def _score_batch(model, requests: Sequence[ScoringRequest], pad_id: int) -> list
     totals = first_logprobs[owner_index].gather(1, cont_ids[:, :1]).squeeze(1)
 
     if cont_ids.shape[1] > 1:
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_select_indices(owner_index)
         # Only the tokens that predict a next continuation token are run; padding rows are masked.
         inputs = cont_ids[:, :-1]
@@ -118,7 +118,7 @@ def _score_batch(model, requests: Sequence[ScoringRequest], pad_id: int) -> list
         lengths = mask.sum(1)[owner_index]
         cont_positions = lengths[:, None] + torch.arange(inputs.shape[1], device=device)[None, :]
         logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=cont_positions,
-                       past_key_values=cache, use_cache=True).logits
+                       cache=cache, use_cache=True).logits
         token_logprobs = F.log_softmax(logits.float(), dim=-1).gather(2, cont_ids[:, 1:, None]).squeeze(2)
         totals = totals + (token_logprobs * cont_mask[:, 1:]).sum(1)
 

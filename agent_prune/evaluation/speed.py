@@ -36,12 +36,12 @@ def _prefill(model, ids: torch.Tensor) -> float:
 @torch.inference_mode()
 def _decode(model, ids: torch.Tensor, context: int, steps: int) -> float:
     out = model(ids[:, :context], use_cache=True, logits_to_keep=1)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     _sync(ids)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     _sync(ids)
     return time.perf_counter() - start
 

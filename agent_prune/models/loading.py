@@ -22,6 +22,7 @@ from torch import nn
 
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_class_for
+from agent_prune.models.checks import check_gguf, check_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -74,10 +75,11 @@ def resolve_model_source(spec: str) -> ModelSource:
                 f"{spec} is a file but not a .gguf model",
                 "pass a Hugging Face model folder, a .gguf file, or a hub id",
             )
-        _check_gguf_magic(path)
+        check_gguf(path)
         return ModelSource(spec, "gguf", str(path.parent.resolve()), path.name)
     if path.is_dir():
         if (path / "config.json").is_file():
+            check_model_folder(path)
             kind = "export" if (path / "agent_prune_manifest.json").is_file() else "hf_dir"
             return ModelSource(spec, kind, str(path.resolve()))
         ggufs = sorted(path.glob("*.gguf"))
@@ -91,16 +93,6 @@ def resolve_model_source(spec: str) -> ModelSource:
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelSource(spec, "hub", spec)
     raise InputError(f"model path {spec} does not exist", "check the path passed to --model")
-
-
-def _check_gguf_magic(path: Path) -> None:
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}", "check the file's permissions") from None
-    if magic != b"GGUF":
-        raise InputError(f"{path} is not a GGUF file (bad magic bytes)", "pass a valid .gguf model file")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -195,29 +195,28 @@ def _set_lr(optimizer, lr: float) -> None:
 
 
 class _LoraWeights:
-    """LoRA adapters (peft) on the chosen projections; ``finish`` merges them back into plain Linears."""
+    """LoRA adapters (peft) on the chosen projections; ``finish`` merges them back into plain Linears
+    with peft's own ``merge_and_unload``, which also drops the ``peft_config`` it attached."""
 
     def __init__(self, student: nn.Module, settings: HealSettings):
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, get_peft_model
 
         self.student = student
-        for param in student.parameters():
-            param.requires_grad_(False)
         config = LoraConfig(r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, lora_dropout=0.0,
                             target_modules=list(settings.modules), bias="none")
         torch.manual_seed(settings.seed)
-        inject_adapter_in_model(config, student)
-        self.params = [p for n, p in student.named_parameters() if "lora_" in n]
-        for param in self.params:
-            param.requires_grad_(True)
+        # get_peft_model wraps the student but injects the adapters into its modules in place, and
+        # leaves only the adapters trainable.
+        self.peft_model = get_peft_model(student, config)
+        self.params = [p for p in student.parameters() if p.requires_grad]
 
     def parameters(self) -> list[nn.Parameter]:
         return self.params
 
     def finish(self) -> None:
-        _merge_lora(self.student)
-        if hasattr(self.student, "peft_config"):  # left by inject_adapter_in_model; a later heal adds anew
-            delattr(self.student, "peft_config")
+        merged = self.peft_model.merge_and_unload()
+        if merged is not self.student:  # healing is in place; a peft that copies must fail loudly
+            raise RuntimeError("peft's merge_and_unload returned a new model instead of the student")
         for param in self.student.parameters():
             param.requires_grad_(False)
 
@@ -256,14 +255,3 @@ def _record_overrides(model, settings: HealSettings, manifest: Layout | None) ->
         keys.append(f"L{sources[index] if sources is not None else index}.{name}")
         mark_overridden(manifest, index, name)
     return keys
-
-
-def _merge_lora(model: nn.Module) -> None:
-    """Fold every LoRA layer into its base Linear and put the plain Linear back in its place."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())

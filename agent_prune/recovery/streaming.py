@@ -17,7 +17,7 @@ from torch import nn
 
 from agent_prune.models.adapters import FamilyAdapter
 
-_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
+_DROPPED_KWARGS = ("cache", "use_cache", "cache_position", "output_attentions")
 
 
 class _StopForward(Exception):

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from agent_prune.agent.session import resume_run, start_run
 from agent_prune.agent.trace import read_trace
 from tests.agent.loop_fixtures import tiny_run_options
+from tests.chat_server import ChatServer, hold_request
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,11 +43,6 @@ def test_forced_gate_violation_reflects_rolls_back_and_finishes(tmp_path):
     assert any(p["context"]["reflections"] for p in plans[1:])
 
 
-def _config(options, path: Path) -> Path:
-    path.write_text(json.dumps(options.model_dump()))
-    return path
-
-
 def test_killed_run_resumes_to_the_same_accepted_steps(tmp_path):
     # With reconstruction, so resuming must replay refit weights, not only re-cut.
     reference = tiny_run_options(tmp_path / "a", final_eval={"windows": 0, "speed": False},
@@ -56,27 +51,28 @@ def test_killed_run_resumes_to_the_same_accepted_steps(tmp_path):
     expected = accepted_steps(Path(reference.out))
     assert len(expected) >= 2
 
-    killed = tiny_run_options(tmp_path / "b", final_eval={"windows": 0, "speed": False},
-                              recovery="reconstruct")
-    script = ("import json,sys; from agent_prune.agent.options import RunOptions; "
-              "from agent_prune.agent.session import start_run; "
-              "start_run(RunOptions.model_validate(json.loads(sys.argv[1])))")
-    env = {**os.environ, "AGENT_PRUNE_TEST_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(killed.model_dump())], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    trace = Path(killed.out) / "trace.jsonl"
-    deadline = time.monotonic() + 300
-    # Kill in the middle of the second iteration: after its candidates are built, before a decision.
-    while time.monotonic() < deadline and proc.poll() is None:
-        events = read_trace(trace) if trace.is_file() else []
-        if any(e["event"] == "candidate_built" and e["iteration"] == 2 for e in events):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    summary = resume_run(killed.out)
-    assert summary["status"] == "target_reached"
-    assert accepted_steps(Path(killed.out)) == expected
-    events = [e["event"] for e in read_trace(trace)]
-    assert "resume" in events
+    with ChatServer() as server:
+        # The planner is a local chat server that fails the first request (the heuristic steps in, as
+        # in the reference run) and holds the second: the kill lands while the run waits for it,
+        # after the first iteration's decision, whatever the machine's load.
+        killed = tiny_run_options(tmp_path / "b", final_eval={"windows": 0, "speed": False},
+                                  recovery="reconstruct", planner=f"openai:test-model@{server.url}",
+                                  planner_options={"max_retries": 0})
+        arrived = hold_request(server, 2)
+        script = ("import json,sys; from agent_prune.agent.options import RunOptions; "
+                  "from agent_prune.agent.session import start_run; "
+                  "start_run(RunOptions.model_validate(json.loads(sys.argv[1])))")
+        env = {**os.environ, "AGENT_PRUNE_TEST_THREADS": "1"}
+        proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(killed.model_dump())], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not arrived.wait(1.0):  # only notices a run that ended without asking
+            assert proc.poll() is None, "the run ended before its second planner request"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        trace = Path(killed.out) / "trace.jsonl"
+        summary = resume_run(killed.out)
+        assert summary["status"] == "target_reached"
+        assert accepted_steps(Path(killed.out)) == expected
+        events = [e["event"] for e in read_trace(trace)]
+        assert "resume" in events
+

@@ -31,6 +31,8 @@ def test_healing_lowers_held_out_kl_and_leaves_plain_linears(teacher, method):
     assert report.stopped_by == "tokens"
     layers = student.model.layers
     assert all(type(layer.mlp.down_proj) is nn.Linear for layer in layers)
+    assert not any("lora" in name for name, _ in student.named_modules())
+    assert not hasattr(student, "peft_config")  # a later heal starts from a plain model again
     trained = [(i, m) for i in range(4) for m in ("self_attn.o_proj", "mlp.down_proj")]
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {f"model.layers.{i}.{m}.weight" for i, m in trained}

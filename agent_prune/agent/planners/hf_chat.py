@@ -96,7 +96,7 @@ class HFChat:
         from transformers import DynamicCache
 
         tokenizer, model = self._loaded.tokenizer, self._loaded.model
-        cache, text, pending = DynamicCache(), "", prompt
+        cache, text, pending = DynamicCache(config=model.config), "", prompt
         generator = torch.Generator().manual_seed(self.seed)
         for part in parts:
             if isinstance(part, str):
@@ -115,7 +115,7 @@ class HFChat:
         import torch
 
         tokenizer, model = self._loaded.tokenizer, self._loaded.model
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
         tokens, text, fed = [], "", 0
         for _ in range(slot.max_tokens):
             choice = None
@@ -131,7 +131,7 @@ class HFChat:
             if slot.finished(text):
                 break
             logits = model(input_ids=torch.tensor([[choice]], device=ids.device),
-                           past_key_values=cache, use_cache=True).logits[0, -1]
+                           cache=cache, use_cache=True).logits[0, -1]
             fed += 1
         return slot.value(text), fed
 
