@@ -167,12 +167,14 @@ class RunContext:
         from agent_prune.actions import dense_manifest
         from agent_prune.models.accounting import count_parameters
 
-        base = self.base
+        with self.trace.measure("phase", phase="load model"):
+            base = self.base
         step_dir = self.store.step_dir(0)
         if not (step_dir / "signals.json").is_file():
             manifest = dense_manifest(base.model, fingerprint=base.source.fingerprint())
             self.reporter.finishing("scoring the dense model")
-            signals = self.score(base.model)
+            with self.trace.measure("phase", phase="score dense"):
+                signals = self.score(base.model)
             self.store.commit(0, manifest.model_dump(mode="json"), {}, {"step": 0, "dense": True},
                               sparsity=0.0, extra={"signals.json": signals})
         counts = count_parameters(base.model)
@@ -287,7 +289,8 @@ class RunContext:
         model, manifest = self.load_state(self.store.step_dir(best))
         self.reporter.finishing("exporting")
         export_dir = self.run_dir / "model"
-        export_model(model, self.base.tokenizer, export_dir, manifest)
+        with self.trace.measure("phase", phase="export"):
+            export_model(model, self.base.tokenizer, export_dir, manifest)
         dense_counts = count_parameters(self.base.model)
         pruned_counts = count_parameters(model, base_prunable=dense_counts.prunable)
         final = {
@@ -305,7 +308,8 @@ class RunContext:
             from agent_prune.evaluation.speed import measure_speed
 
             self.reporter.finishing("measuring speed")
-            speed = measure_speed({"dense": self.base.model, "pruned": model})
+            with self.trace.measure("phase", phase="speed"):
+                speed = measure_speed({"dense": self.base.model, "pruned": model})
             final["speed"] = {"dense": speed["dense"], "pruned": speed["pruned"],
                               "protocol": speed["protocol"]}
         return final
@@ -322,8 +326,10 @@ class RunContext:
         results = {}
         for task, limit in (("wikitext2", None), ("freebaseqa", spec.freebaseqa_limit),
                             ("arc_easy", spec.arc_limit)):
-            results |= run_tasks(model, self.base.tokenizer, [task], self.data_dir, seqlen=spec.seqlen,
-                                 windows=spec.windows, limit=limit, progress=self.reporter)
+            with self.trace.measure("phase", phase=f"final eval {name}: {task}"):
+                results |= run_tasks(model, self.base.tokenizer, [task], self.data_dir,
+                                     seqlen=spec.seqlen, windows=spec.windows, limit=limit,
+                                     progress=self.reporter)
         atomic_write_json(path, results)
         return results
 
