@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 from torch import nn
@@ -18,6 +18,8 @@ from agent_prune.agent.trace import TraceWriter
 from agent_prune.checkpoints.store import CheckpointStore, read_state_dir, write_state_dir
 from agent_prune.errors import InputError
 from agent_prune.io import atomic_write_json, read_json
+
+REPORT_BATCH = 4  # sequences per forward in the report's evaluation (part of its cache key)
 
 
 def planner_settings(options: RunOptions) -> dict:
@@ -301,7 +303,7 @@ class RunContext:
                           "pruned": sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))},
             "layer_map": layer_map(manifest),
         }
-        if self.options.final_eval.windows > 0:
+        if self.options.final_eval.windows > 0 and self.options.final_eval.tasks:
             final["evaluation"] = {"dense": self.final_evaluation(self.base.model, "dense"),
                                    "pruned": self.final_evaluation(model, f"step-{best:04d}")}
         if self.options.final_eval.speed:
@@ -315,23 +317,59 @@ class RunContext:
         return final
 
     def final_evaluation(self, model, name: str) -> dict:
-        """WikiText-2 test, FreebaseQA and ARC-Easy (cached per state, so resume does not redo it)."""
-        from agent_prune.evaluation.harness import run_tasks
+        """The report's tasks on the test protocol, kept per state so resume does not redo them.
 
+        The dense model's figures also go to the content-addressed evaluation cache
+        (``agent_prune.evaluation.cache``): a later run of the same model and protocol reads them."""
         path = self.run_dir / "final" / f"{name}.json"
         if path.is_file():
             return read_json(path)
-        spec = self.options.final_eval
         self.reporter.finishing(f"evaluating {name} on the test protocol")
         results = {}
-        for task, limit in (("wikitext2", None), ("freebaseqa", spec.freebaseqa_limit),
-                            ("arc_easy", spec.arc_limit)):
+        for task in self.options.final_eval.tasks:
             with self.trace.measure("phase", phase=f"final eval {name}: {task}"):
-                results |= run_tasks(model, self.base.tokenizer, [task], self.data_dir,
-                                     seqlen=spec.seqlen, windows=spec.windows, limit=limit,
-                                     progress=self.reporter)
+                if name == "dense":
+                    results[task] = self.cached_dense_task(task)
+                else:
+                    results[task] = self.report_task(model, task)
         atomic_write_json(path, results)
         return results
+
+    def report_task(self, model, task: str) -> dict:
+        """One task of the report's protocol; the seam where the test protocol is run (tests count
+        its calls to show that the dense model is evaluated once per protocol)."""
+        from agent_prune.evaluation.harness import run_tasks
+
+        spec = self.options.final_eval
+        return run_tasks(model, self.base.tokenizer, [task], self.data_dir, seqlen=spec.seqlen,
+                         windows=spec.windows, limit=self.task_limit(task), batch_size=REPORT_BATCH,
+                         progress=self.reporter)[task]
+
+    def task_limit(self, task: str) -> int | None:
+        spec = self.options.final_eval
+        return {"wikitext2": None, "freebaseqa": spec.freebaseqa_limit}.get(task, spec.arc_limit)
+
+    def cached_dense_task(self, task: str) -> dict:
+        from agent_prune.evaluation import cache
+
+        compute = partial(self.report_task, self.base.model, task)
+        data = cache.task_data_digest(task, self.data_dir)
+        if self.dense_digest is None or data is None:
+            return compute()
+        spec = self.options.final_eval
+        protocol = {"task": task, "dtype": self.options.dtype,
+                    "device": str(next(self.base.model.parameters()).device.type),
+                    "batch_size": REPORT_BATCH,
+                    **({"seqlen": spec.seqlen, "windows": spec.windows} if task == "wikitext2"
+                       else {"limit": self.task_limit(task)})}
+        return cache.cached(cache.entry_key(self.dense_digest, data, protocol), protocol, compute)
+
+    @cached_property
+    def dense_digest(self) -> str | None:
+        from agent_prune.evaluation.cache import model_digest
+
+        source = self.base.source
+        return model_digest(source.kind, source.path, source.gguf_file)
 
 
 def weight_bytes(model: nn.Module) -> int:
