@@ -53,7 +53,10 @@ class Reporter:
 
 
 class RunContext:
-    MODEL_CACHE = 3
+    # Replayed states kept in memory: the current step, which profile, build and the rebuild after a
+    # rollback all read. Candidates are not kept (each is scored once, then replayed bit for bit if
+    # accepted): holding them put up to four pruned copies beside the dense model (issue 16).
+    MODEL_CACHE = 1
 
     def __init__(self, options: RunOptions, reporter: Reporter | None = None):
         self.options = options
@@ -185,17 +188,24 @@ class RunContext:
 
     def load_state(self, state_dir: Path):
         """(model, manifest) of a saved state, replayed onto the base model and cached."""
-        from agent_prune.actions import Manifest, replay
-
         key = str(Path(state_dir).resolve())
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        manifest_json, tensors, _ = read_state_dir(Path(state_dir))
-        manifest = Manifest.model_validate(manifest_json)
-        model = replay(self.base.model, manifest, tensors).eval()
+        model, manifest = self.replay_state(state_dir)
         self._remember(key, model, manifest)
         return model, manifest
+
+    def replay_state(self, state_dir: Path):
+        """(model, manifest) of a saved state, freshly replayed and not cached: the caller owns it.
+
+        Replay equals the saved model bit for bit (``actions.replay``), so a candidate scored from
+        its replay scores as the model that was built."""
+        from agent_prune.actions import Manifest, replay
+
+        manifest_json, tensors, _ = read_state_dir(Path(state_dir))
+        manifest = Manifest.model_validate(manifest_json)
+        return replay(self.base.model, manifest, tensors).eval(), manifest
 
     def _remember(self, key: str, model, manifest) -> None:
         self._models[key] = (model, manifest)
@@ -203,8 +213,15 @@ class RunContext:
             self._models.popitem(last=False)
 
     def build_candidate(self, model, manifest, actions: list[dict], profile: dict, target: Path) -> dict:
-        """Apply ``actions`` to a copy of ``model``, recover it, and save it under ``target``."""
-        from agent_prune.actions import apply_actions, side_tensors
+        """Apply ``actions`` to a copy of ``model``, recover it, and save it under ``target``; the copy
+        is dropped on return (the evaluate node replays it)."""
+        candidate, new_manifest, info = self.candidate_model(model, manifest, actions, profile)
+        self.save_candidate(target, candidate, new_manifest, {"actions": actions, **info})
+        return info
+
+    def candidate_model(self, model, manifest, actions: list[dict], profile: dict):
+        """(candidate, its manifest, info): ``actions`` applied to a copy of ``model``, recovered."""
+        from agent_prune.actions import apply_actions
         from agent_prune.agent.decisions import describe_actions
         from agent_prune.models.accounting import count_parameters
 
@@ -217,10 +234,13 @@ class RunContext:
         info = {"params": counts.total, "prunable": counts.prunable,
                 "sparsity": round(counts.structural_sparsity, 6), "summary": describe_actions(actions),
                 "recovery": recovery}
-        write_state_dir(target, new_manifest.model_dump(mode="json"),
-                        side_tensors(candidate, new_manifest), {"actions": actions, **info})
-        self._remember(str(target.resolve()), candidate.eval(), new_manifest)
-        return info
+        return candidate.eval(), new_manifest, info
+
+    @staticmethod
+    def save_candidate(target: Path, candidate, manifest, record: dict) -> None:
+        from agent_prune.actions import side_tensors
+
+        write_state_dir(target, manifest.model_dump(mode="json"), side_tensors(candidate, manifest), record)
 
     def recover(self, model, manifest) -> dict | None:
         """Local reconstruction of a candidate (``--recovery reconstruct``), as MoP does.
@@ -255,7 +275,7 @@ class RunContext:
     def score_state(self, state_dir: Path) -> Path:
         path = Path(state_dir) / "signals.json"
         if not path.is_file():
-            model, _ = self.load_state(state_dir)
+            model, _ = self.replay_state(state_dir)
             atomic_write_json(path, self.score(model))
         return path
 
@@ -269,8 +289,7 @@ class RunContext:
         if self.options.recovery == "distill":
             from agent_prune.actions import side_tensors
 
-            model, parsed = self.load_state(candidate_dir)
-            model, parsed = copy.deepcopy(model), parsed.model_copy(deep=True)
+            model, parsed = self.replay_state(candidate_dir)  # a fresh copy, healed in place
             gain = candidate["sparsity"] - previous_sparsity
             record["heal"] = self.heal(model, parsed, share=gain / self.options.target_sparsity)
             record["signals_before_heal"] = signals
