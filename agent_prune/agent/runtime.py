@@ -178,8 +178,9 @@ class RunContext:
         if not (step_dir / "signals.json").is_file():
             manifest = dense_manifest(base.model, fingerprint=base.source.fingerprint())
             self.reporter.finishing("scoring the dense model")
-            with self.trace.measure("phase", phase="score dense"):
-                signals = self.score(base.model)
+            with self.trace.measure("phase", phase="score dense") as fields:
+                signals = self.dense_signals()
+                fields["cached"] = signals.pop("cache", None) is not None
             self.store.commit(0, manifest.model_dump(mode="json"), {}, {"step": 0, "dense": True},
                               sparsity=0.0, extra={"signals.json": signals})
         counts = count_parameters(base.model)
@@ -206,6 +207,11 @@ class RunContext:
         manifest_json, tensors, _ = read_state_dir(Path(state_dir))
         manifest = Manifest.model_validate(manifest_json)
         return replay(self.base.model, manifest, tensors).eval(), manifest
+
+    def release_states(self) -> None:
+        """Drop the cached step models (the evaluate node scores candidates without them; a rollback
+        replays the current step again, which costs seconds against minutes of scoring)."""
+        self._models.clear()
 
     def _remember(self, key: str, model, manifest) -> None:
         self._models[key] = (model, manifest)
@@ -354,6 +360,28 @@ class RunContext:
         atomic_write_json(path, results)
         return results
 
+    def dense_signals(self) -> dict:
+        """The dense model's in-loop scores, from the evaluation cache when an earlier run of the same
+        model, data and loop settings measured them."""
+        from agent_prune.data.corpora import C4_FILE, WIKITEXT_FILES
+        from agent_prune.data.tasks import FREEBASEQA_FILE
+        from agent_prune.evaluation import cache
+
+        compute = partial(self.score, self.base.model)
+        data = cache.data_digest(self.data_dir, [WIKITEXT_FILES["validation"], FREEBASEQA_FILE, C4_FILE])
+        if self.dense_digest is None or data is None:
+            return compute()
+        o = self.options
+        protocol = {"task": "loop signals", "dtype": o.dtype, "device": self.device_kind,
+                    "seqlen": o.seqlen, "eval_windows": o.eval_windows, "probe_limit": o.probe_limit,
+                    "probe_offset": o.final_eval.freebaseqa_limit, "kl_windows": o.kl_windows,
+                    "seed": o.seed}
+        return cache.cached(cache.entry_key(self.dense_digest, data, protocol), protocol, compute)
+
+    @property
+    def device_kind(self) -> str:
+        return next(self.base.model.parameters()).device.type
+
     def report_task(self, model, task: str) -> dict:
         """One task of the report's protocol; the seam where the test protocol is run (tests count
         its calls to show that the dense model is evaluated once per protocol)."""
@@ -372,13 +400,12 @@ class RunContext:
         from agent_prune.evaluation import cache
 
         compute = partial(self.report_task, self.base.model, task)
-        data = cache.task_data_digest(task, self.data_dir)
+        data = cache.data_digest(self.data_dir, cache.task_files(task))
         if self.dense_digest is None or data is None:
             return compute()
         spec = self.options.final_eval
         protocol = {"task": task, "dtype": self.options.dtype,
-                    "device": str(next(self.base.model.parameters()).device.type),
-                    "batch_size": REPORT_BATCH,
+                    "device": self.device_kind, "batch_size": REPORT_BATCH,
                     **({"seqlen": spec.seqlen, "windows": spec.windows} if task == "wikitext2"
                        else {"limit": self.task_limit(task)})}
         return cache.cached(cache.entry_key(self.dense_digest, data, protocol), protocol, compute)

@@ -10,7 +10,9 @@ the code that measures them, so they are stored under a key hashed from all of t
 - the code: sha256 of the sources of ``agent_prune.evaluation``, ``agent_prune.data`` and
   ``agent_prune.models.loading``, and the torch, transformers and gguf versions.
 
-Models from the hub and data from the hub are not cached (their content is not in hand to hash).
+The run's in-loop scores of the dense model (``score dense``) are cached the same way, keyed on the
+loop evaluator's settings and its data files. Models and data from the hub are not cached (their
+content is not in hand to hash).
 
 Where: ``$AGENT_PRUNE_EVAL_CACHE`` when set (``off`` disables the cache), else
 ``<agent-prune cache>/evals`` (``$AGENT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/agent-prune``, else
@@ -125,13 +127,20 @@ def model_digest(kind: str, path: str, gguf_file: str | None) -> str | None:
     return files_digest([root / gguf_file] if gguf_file else folder_files(root), root=root)
 
 
-def task_data_digest(task: str, data_dir: Path | None) -> str | None:
-    """sha256 of the local files ``task`` reads; None when its data comes from the hub."""
+def data_digest(data_dir: Path | None, relatives: Iterable[str]) -> str | None:
+    """sha256 of the local data files (or folders) named relative to ``data_dir``; None when the
+    data comes from the hub or a file is missing (the evaluation then reports the problem)."""
     if data_dir is None:
         return None
+    paths = [data_dir / relative for relative in relatives]
+    if not all(path.exists() for path in paths):
+        return None
+    return files_digest([f for path in paths for f in folder_files(path)], root=data_dir)
+
+
+def task_files(task: str) -> list[str]:
+    """The data files a report task reads, relative to the data directory."""
     from agent_prune.data.corpora import WIKITEXT_FILES
     from agent_prune.data.tasks import FREEBASEQA_FILE, MC_FILES
 
-    relative = {"wikitext2": WIKITEXT_FILES["test"], "freebaseqa": FREEBASEQA_FILE, **MC_FILES}[task]
-    path = data_dir / relative
-    return files_digest(folder_files(path), root=data_dir) if path.exists() else None
+    return [{"wikitext2": WIKITEXT_FILES["test"], "freebaseqa": FREEBASEQA_FILE, **MC_FILES}[task]]

@@ -1,7 +1,10 @@
 """The report's dense figures are measured once per model and protocol; the tasks are the user's."""
 
+import json
+
 from agent_prune.agent.runtime import RunContext
 from agent_prune.agent.session import start_run
+from agent_prune.agent.trace import read_trace
 from tests.agent.loop_fixtures import tiny_run_options
 
 
@@ -28,6 +31,12 @@ def test_a_second_run_of_the_same_model_and_protocol_reads_the_dense_figures(tmp
     assert [task for dense, task in calls if dense] == []  # no dense evaluation the second time
     assert [task for dense, task in calls if not dense] == tasks  # the pruned model still is
     assert "evaluation cache" in (tmp_path / "run2" / "report.md").read_text()
+    dense_scoring = [[r["cached"] for r in read_trace(tmp_path / run / "trace.jsonl")
+                      if r.get("phase") == "score dense"] for run in ("run", "run2")]
+    assert dense_scoring == [[False], [True]]  # the in-loop dense scores are cached too
+    signals = [json.loads((tmp_path / run / "checkpoints" / "step-0000" / "signals.json").read_text())
+               for run in ("run", "run2")]
+    assert signals[0] == signals[1]
     before, after = first["final"]["evaluation"]["dense"], second["final"]["evaluation"]["dense"]
     for task in tasks:
         assert "cache" not in before[task] and after[task]["cache"]["key"]
