@@ -66,7 +66,7 @@ def breakdown_markdown(records: list[dict]) -> str:
     """The three tables (per node, per iteration, per phase) as GitHub markdown."""
     nodes = node_rows(records)
     if not nodes:
-        return "no `node` records: the run predates per-node measurement\n"
+        return "no `node` records: the run is still in its first node, or predates per-node measurement\n"
     lines = ["| node | runs | seconds | mean s | share | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['node']} | {r['runs']} | {r['seconds']:.1f} | {r['mean_s']:.1f} | {r['share']:.1%} "
               f"| {r['peak_rss_mb']:.0f} |" for r in nodes]
