@@ -19,6 +19,12 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
 torch.set_num_threads(int(os.environ.get("AGENT_PRUNE_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _private_eval_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty evaluation cache, so no figure leaks between tests or from ~/.cache."""
+    monkeypatch.setenv("AGENT_PRUNE_EVAL_CACHE", str(tmp_path_factory.mktemp("evals")))
+
+
 def tiny_config(family: str, **overrides):
     """A config small enough to build and run in milliseconds, with GQA (4 query / 2 KV heads)."""
     from transformers import AutoConfig

@@ -9,6 +9,7 @@ node that was running when the process died; nodes are written to be safely re-r
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 from langgraph.checkpoint.sqlite import SqliteSaver
@@ -39,11 +40,32 @@ class RunState(TypedDict, total=False):
     final: dict
 
 
+def node_iteration(name: str, state: dict, update: dict) -> int | None:
+    """The iteration a node works for: ``plan`` starts one and ``profile`` prepares the next, so the
+    breakdown per iteration adds up; ``start`` and ``finish`` belong to none."""
+    if name in ("start", "finish"):
+        return None
+    iteration = update.get("iteration", state.get("iteration", 0))
+    return iteration + 1 if name == "profile" else iteration
+
+
+def measured(ctx: RunContext, name: str, node: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """``node`` writing a ``node`` trace record with its wall time and peak memory."""
+
+    def run(state: dict) -> dict:
+        with ctx.trace.measure("node", node=name) as fields:
+            update = node(state)
+            fields["iteration"] = node_iteration(name, state, update)
+        return update
+
+    return run
+
+
 def build_graph(ctx: RunContext) -> StateGraph:
     nodes = LoopNodes(ctx)
     graph = StateGraph(RunState)
     for name in ("start", "profile", "plan", "build", "evaluate", "decide", "reflect", "finish"):
-        graph.add_node(name, getattr(nodes, name))
+        graph.add_node(name, measured(ctx, name, getattr(nodes, name)))
     graph.add_edge(START, "start")
     graph.add_conditional_edges("start", nodes.route_after_accept, ["profile", "finish"])
     graph.add_edge("profile", "plan")

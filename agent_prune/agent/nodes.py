@@ -173,6 +173,7 @@ class LoopNodes:
     # ---- evaluate ------------------------------------------------------------------------------
     def evaluate(self, state: dict) -> dict:
         ctx = self.ctx
+        ctx.release_states()  # scoring's peak is then the dense model and one candidate
         scored = []
         for candidate in state["candidates"]:
             ctx.reporter.evaluating(state["iteration"], candidate["branch"])

@@ -22,16 +22,42 @@ class Gates(BaseModel):
     z: float = Field(2.0, ge=0)
 
 
+REPORT_TASKS = ("wikitext2", "freebaseqa", "arc_easy")
+
+
 class FinalEval(BaseModel):
-    """The before/after protocol of the report (WikiText-2 *test*, FreebaseQA, ARC-Easy)."""
+    """The before/after protocol of the report (by default WikiText-2 *test*, FreebaseQA, ARC-Easy).
+
+    ``tasks``: the report's evaluation tasks (``agent_prune.evaluation.task_names.TASKS``; the CLI's
+    ``--report-tasks`` and the config key ``report_tasks`` set them together with ``speed``).
+    ``arc_limit`` caps every multiple-choice task (ARC-Easy/Challenge, CSQA, MMLU), not only ARC.
+    ``windows = 0`` skips the evaluation (``--no-final-eval``)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    tasks: list[str] = Field(default_factory=lambda: list(REPORT_TASKS))
     windows: int = 32
     seqlen: int = 512
     freebaseqa_limit: int = 300
     arc_limit: int = 300
     speed: bool = True
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        from agent_prune.evaluation.task_names import TASKS
+
+        unknown = [t for t in value if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {', '.join(unknown)} (choose from {', '.join(TASKS)})")
+        return list(dict.fromkeys(value))
+
+
+def report_task_settings(spec: str | list[str]) -> dict:
+    """``final_eval`` fields from ``--report-tasks`` / ``report_tasks``: a comma list or a list of
+    task names, where ``speed`` switches on the tokens/s measurement."""
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    return {"tasks": [t for t in names if t != "speed"], "speed": "speed" in names}
 
 
 class RunOptions(BaseModel):

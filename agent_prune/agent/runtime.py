@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 from torch import nn
@@ -18,6 +18,8 @@ from agent_prune.agent.trace import TraceWriter
 from agent_prune.checkpoints.store import CheckpointStore, read_state_dir, write_state_dir
 from agent_prune.errors import InputError
 from agent_prune.io import atomic_write_json, read_json
+
+REPORT_BATCH = 4  # sequences per forward in the report's evaluation (part of its cache key)
 
 
 def planner_settings(options: RunOptions) -> dict:
@@ -51,7 +53,10 @@ class Reporter:
 
 
 class RunContext:
-    MODEL_CACHE = 3
+    # Replayed states kept in memory: the current step, which profile, build and the rebuild after a
+    # rollback all read. Candidates are not kept (each is scored once, then replayed bit for bit if
+    # accepted): holding them put up to four pruned copies beside the dense model (issue 16).
+    MODEL_CACHE = 1
 
     def __init__(self, options: RunOptions, reporter: Reporter | None = None):
         self.options = options
@@ -167,12 +172,15 @@ class RunContext:
         from agent_prune.actions import dense_manifest
         from agent_prune.models.accounting import count_parameters
 
-        base = self.base
+        with self.trace.measure("phase", phase="load model"):
+            base = self.base
         step_dir = self.store.step_dir(0)
         if not (step_dir / "signals.json").is_file():
             manifest = dense_manifest(base.model, fingerprint=base.source.fingerprint())
             self.reporter.finishing("scoring the dense model")
-            signals = self.score(base.model)
+            with self.trace.measure("phase", phase="score dense") as fields:
+                signals = self.dense_signals()
+                fields["cached"] = signals.pop("cache", None) is not None
             self.store.commit(0, manifest.model_dump(mode="json"), {}, {"step": 0, "dense": True},
                               sparsity=0.0, extra={"signals.json": signals})
         counts = count_parameters(base.model)
@@ -181,17 +189,29 @@ class RunContext:
 
     def load_state(self, state_dir: Path):
         """(model, manifest) of a saved state, replayed onto the base model and cached."""
-        from agent_prune.actions import Manifest, replay
-
         key = str(Path(state_dir).resolve())
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        manifest_json, tensors, _ = read_state_dir(Path(state_dir))
-        manifest = Manifest.model_validate(manifest_json)
-        model = replay(self.base.model, manifest, tensors).eval()
+        model, manifest = self.replay_state(state_dir)
         self._remember(key, model, manifest)
         return model, manifest
+
+    def replay_state(self, state_dir: Path):
+        """(model, manifest) of a saved state, freshly replayed and not cached: the caller owns it.
+
+        Replay equals the saved model bit for bit (``actions.replay``), so a candidate scored from
+        its replay scores as the model that was built."""
+        from agent_prune.actions import Manifest, replay
+
+        manifest_json, tensors, _ = read_state_dir(Path(state_dir))
+        manifest = Manifest.model_validate(manifest_json)
+        return replay(self.base.model, manifest, tensors).eval(), manifest
+
+    def release_states(self) -> None:
+        """Drop the cached step models (the evaluate node scores candidates without them; a rollback
+        replays the current step again, which costs seconds against minutes of scoring)."""
+        self._models.clear()
 
     def _remember(self, key: str, model, manifest) -> None:
         self._models[key] = (model, manifest)
@@ -201,8 +221,15 @@ class RunContext:
     def build_candidate(self, model, manifest, actions: list[dict], profile: dict, target: Path,
                         pruner: str = "l2") -> dict:
         """Apply ``actions`` to a copy of ``model`` (structures chosen by ``pruner``'s scores from
-        ``profile``), recover it, and save it under ``target``."""
-        from agent_prune.actions import apply_actions, side_tensors
+        ``profile``), recover it, and save it under ``target``; the copy is dropped on return (the
+        evaluate node replays it)."""
+        candidate, new_manifest, info = self.candidate_model(model, manifest, actions, profile, pruner)
+        self.save_candidate(target, candidate, new_manifest, {"actions": actions, **info})
+        return info
+
+    def candidate_model(self, model, manifest, actions: list[dict], profile: dict, pruner: str = "l2"):
+        """(candidate, its manifest, info): ``actions`` applied to a copy of ``model``, recovered."""
+        from agent_prune.actions import apply_actions
         from agent_prune.agent.decisions import describe_actions
         from agent_prune.models.accounting import count_parameters
         from agent_prune.sensitivity.schema import SensitivityProfile
@@ -219,10 +246,13 @@ class RunContext:
         info = {"params": counts.total, "prunable": counts.prunable,
                 "sparsity": round(counts.structural_sparsity, 6), "summary": describe_actions(actions),
                 "pruner": pruner, "recovery": recovery}
-        write_state_dir(target, new_manifest.model_dump(mode="json"),
-                        side_tensors(candidate, new_manifest), {"actions": actions, **info})
-        self._remember(str(target.resolve()), candidate.eval(), new_manifest)
-        return info
+        return candidate.eval(), new_manifest, info
+
+    @staticmethod
+    def save_candidate(target: Path, candidate, manifest, record: dict) -> None:
+        from agent_prune.actions import side_tensors
+
+        write_state_dir(target, manifest.model_dump(mode="json"), side_tensors(candidate, manifest), record)
 
     def recover(self, model, manifest, first_changed: int = 0) -> dict | None:
         """Local reconstruction of a candidate (``--recovery reconstruct``), as MoP does.
@@ -260,7 +290,7 @@ class RunContext:
     def score_state(self, state_dir: Path) -> Path:
         path = Path(state_dir) / "signals.json"
         if not path.is_file():
-            model, _ = self.load_state(state_dir)
+            model, _ = self.replay_state(state_dir)
             atomic_write_json(path, self.score(model))
         return path
 
@@ -274,8 +304,7 @@ class RunContext:
         if self.options.recovery == "distill":
             from agent_prune.actions import side_tensors
 
-            model, parsed = self.load_state(candidate_dir)
-            model, parsed = copy.deepcopy(model), parsed.model_copy(deep=True)
+            model, parsed = self.replay_state(candidate_dir)  # a fresh copy, healed in place
             gain = candidate["sparsity"] - previous_sparsity
             record["heal"] = self.heal(model, parsed, share=gain / self.options.target_sparsity)
             record["signals_before_heal"] = signals
@@ -296,7 +325,8 @@ class RunContext:
         model, manifest = self.load_state(self.store.step_dir(best))
         self.reporter.finishing("exporting")
         export_dir = self.run_dir / "model"
-        export_model(model, self.base.tokenizer, export_dir, manifest)
+        with self.trace.measure("phase", phase="export"):
+            export_model(model, self.base.tokenizer, export_dir, manifest)
         dense_counts = count_parameters(self.base.model)
         pruned_counts = count_parameters(model, base_prunable=dense_counts.prunable)
         final = {
@@ -307,34 +337,94 @@ class RunContext:
                           "pruned": sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))},
             "layer_map": layer_map(manifest),
         }
-        if self.options.final_eval.windows > 0:
+        if self.options.final_eval.windows > 0 and self.options.final_eval.tasks:
             final["evaluation"] = {"dense": self.final_evaluation(self.base.model, "dense"),
                                    "pruned": self.final_evaluation(model, f"step-{best:04d}")}
         if self.options.final_eval.speed:
             from agent_prune.evaluation.speed import measure_speed
 
             self.reporter.finishing("measuring speed")
-            speed = measure_speed({"dense": self.base.model, "pruned": model})
+            with self.trace.measure("phase", phase="speed"):
+                speed = measure_speed({"dense": self.base.model, "pruned": model})
             final["speed"] = {"dense": speed["dense"], "pruned": speed["pruned"],
                               "protocol": speed["protocol"]}
         return final
 
     def final_evaluation(self, model, name: str) -> dict:
-        """WikiText-2 test, FreebaseQA and ARC-Easy (cached per state, so resume does not redo it)."""
-        from agent_prune.evaluation.harness import run_tasks
+        """The report's tasks on the test protocol, kept per state so resume does not redo them.
 
+        The dense model's figures also go to the content-addressed evaluation cache
+        (``agent_prune.evaluation.cache``): a later run of the same model and protocol reads them."""
         path = self.run_dir / "final" / f"{name}.json"
         if path.is_file():
             return read_json(path)
-        spec = self.options.final_eval
         self.reporter.finishing(f"evaluating {name} on the test protocol")
         results = {}
-        for task, limit in (("wikitext2", None), ("freebaseqa", spec.freebaseqa_limit),
-                            ("arc_easy", spec.arc_limit)):
-            results |= run_tasks(model, self.base.tokenizer, [task], self.data_dir, seqlen=spec.seqlen,
-                                 windows=spec.windows, limit=limit, progress=self.reporter)
+        for task in self.options.final_eval.tasks:
+            with self.trace.measure("phase", phase=f"final eval {name}: {task}"):
+                if name == "dense":
+                    results[task] = self.cached_dense_task(task)
+                else:
+                    results[task] = self.report_task(model, task)
         atomic_write_json(path, results)
         return results
+
+    def dense_signals(self) -> dict:
+        """The dense model's in-loop scores, from the evaluation cache when an earlier run of the same
+        model, data and loop settings measured them."""
+        from agent_prune.data.corpora import C4_FILE, WIKITEXT_FILES
+        from agent_prune.data.tasks import FREEBASEQA_FILE
+        from agent_prune.evaluation import cache
+
+        compute = partial(self.score, self.base.model)
+        data = cache.data_digest(self.data_dir, [WIKITEXT_FILES["validation"], FREEBASEQA_FILE, C4_FILE])
+        if self.dense_digest is None or data is None:
+            return compute()
+        o = self.options
+        protocol = {"task": "loop signals", "dtype": o.dtype, "device": self.device_kind,
+                    "seqlen": o.seqlen, "eval_windows": o.eval_windows, "probe_limit": o.probe_limit,
+                    "probe_offset": o.final_eval.freebaseqa_limit, "kl_windows": o.kl_windows,
+                    "seed": o.seed}
+        return cache.cached(cache.entry_key(self.dense_digest, data, protocol), protocol, compute)
+
+    @property
+    def device_kind(self) -> str:
+        return next(self.base.model.parameters()).device.type
+
+    def report_task(self, model, task: str) -> dict:
+        """One task of the report's protocol; the seam where the test protocol is run (tests count
+        its calls to show that the dense model is evaluated once per protocol)."""
+        from agent_prune.evaluation.harness import run_tasks
+
+        spec = self.options.final_eval
+        return run_tasks(model, self.base.tokenizer, [task], self.data_dir, seqlen=spec.seqlen,
+                         windows=spec.windows, limit=self.task_limit(task), batch_size=REPORT_BATCH,
+                         progress=self.reporter)[task]
+
+    def task_limit(self, task: str) -> int | None:
+        spec = self.options.final_eval
+        return {"wikitext2": None, "freebaseqa": spec.freebaseqa_limit}.get(task, spec.arc_limit)
+
+    def cached_dense_task(self, task: str) -> dict:
+        from agent_prune.evaluation import cache
+
+        compute = partial(self.report_task, self.base.model, task)
+        data = cache.data_digest(self.data_dir, cache.task_files(task))
+        if self.dense_digest is None or data is None:
+            return compute()
+        spec = self.options.final_eval
+        protocol = {"task": task, "dtype": self.options.dtype,
+                    "device": self.device_kind, "batch_size": REPORT_BATCH,
+                    **({"seqlen": spec.seqlen, "windows": spec.windows} if task == "wikitext2"
+                       else {"limit": self.task_limit(task)})}
+        return cache.cached(cache.entry_key(self.dense_digest, data, protocol), protocol, compute)
+
+    @cached_property
+    def dense_digest(self) -> str | None:
+        from agent_prune.evaluation.cache import model_digest
+
+        source = self.base.source
+        return model_digest(source.kind, source.path, source.gguf_file)
 
 
 def first_changed_layer(actions: list[dict]) -> int:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+
+from agent_prune.agent.meter import Meter
 
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "AGENT_PRUNE_PLANNER_API_KEY", "HF_TOKEN")
 
@@ -57,6 +61,19 @@ class TraceWriter:
             fh.flush()
             os.fsync(fh.fileno())
         return record
+
+
+    @contextmanager
+    def measure(self, kind: str, iteration: int | None = None, **payload) -> Iterator[dict]:
+        """Record ``kind`` with the wall time and peak memory of the ``with`` body.
+
+        The body may add fields to the yielded dict (e.g. an iteration known only at the end). Nothing
+        is written when the body raises: a rerun after a crash measures the stretch again."""
+        fields: dict = {"iteration": iteration, **payload}
+        with Meter() as meter:
+            yield fields
+        iteration = fields.pop("iteration")
+        self.event(kind, iteration=iteration, **fields, **meter.figures())
 
 
 class Stopwatch:

@@ -85,6 +85,10 @@ def add_run_args(parser) -> None:
                             help=f"gate: {flag.replace('_', ' ')}")
     parser.add_argument("--no-final-eval", action="store_true",
                         help="skip the before/after test-set evaluation at the end")
+    parser.add_argument("--report-tasks", metavar="LIST",
+                        help="the report's before/after measurements, a comma list of wikitext2, "
+                             "freebaseqa, arc_easy, arc_challenge, csqa, mmlu, speed (default "
+                             "wikitext2,freebaseqa,arc_easy,speed; config key report_tasks)")
     add_data_args(parser)
     parser.add_argument("--device", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -93,7 +97,7 @@ def add_run_args(parser) -> None:
 
 
 def options_from_args(args):
-    from agent_prune.agent.options import RunOptions
+    from agent_prune.agent.options import RunOptions, report_task_settings
 
     values = load_config_file(args.config) if args.config else {}
     for name in FLAG_FIELDS:
@@ -111,6 +115,11 @@ def options_from_args(args):
             gates[name] = getattr(args, name)
     if gates:
         values["gates"] = gates
+    report_tasks = values.pop("report_tasks", None)
+    if getattr(args, "report_tasks", None) is not None:
+        report_tasks = args.report_tasks
+    if report_tasks is not None:
+        values["final_eval"] = {**values.get("final_eval", {}), **report_task_settings(report_tasks)}
     if args.no_final_eval:
         values.setdefault("final_eval", {})["windows"] = 0
     for required in ("model", "out", "target_sparsity"):

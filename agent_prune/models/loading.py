@@ -2,8 +2,9 @@
 
 A ``.gguf`` file is dequantised by transformers (tokenizer and chat template come from the same
 file). Dequantising is slow (about 20 s for a 135M model on 2 cores), so the dense result is cached
-as a plain Hugging Face folder under ``$AGENT_PRUNE_CACHE`` (default ``~/.cache/agent-prune``) and
-later loads read that folder; the cache key covers the file's path, size and modification time.
+as a plain Hugging Face folder under ``$AGENT_PRUNE_CACHE`` (default ``$XDG_CACHE_HOME/agent-prune``,
+else ``~/.cache/agent-prune``) and later loads read that folder; the cache key covers the file's
+path, size and modification time.
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("AGENT_PRUNE_CACHE", Path.home() / ".cache" / "agent-prune"))
+    """``$AGENT_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/agent-prune``, else ``~/.cache/agent-prune``."""
+    if os.environ.get("AGENT_PRUNE_CACHE"):
+        return Path(os.environ["AGENT_PRUNE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "agent-prune"
 
 
 def load_config(source: ModelSource):

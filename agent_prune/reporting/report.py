@@ -18,6 +18,9 @@ QUALITY_ROWS = (
     ("freebaseqa", "gold_loglik", "FreebaseQA gold log-likelihood (reported only)", False),
     ("arc_easy", "acc", "ARC-Easy accuracy", True),
     ("arc_easy", "acc_norm", "ARC-Easy accuracy (length-normalised)", True),
+    ("arc_challenge", "acc", "ARC-Challenge accuracy", True),
+    ("csqa", "acc", "CommonsenseQA accuracy", True),
+    ("mmlu", "acc", "MMLU (dev) accuracy", True),
 )
 
 
@@ -102,7 +105,12 @@ def _protocol(final: dict) -> str:
         parts.append(speed["protocol"])
     if not parts:
         return "_No before/after evaluation was run (--no-final-eval)._"
-    return "Protocol: " + " ".join(f"({i + 1}) {p}." for i, p in enumerate(parts))
+    text = "Protocol: " + " ".join(f"({i + 1}) {p}." for i, p in enumerate(parts))
+    cached = sorted({e["cache"]["created"] for e in evaluation.get("dense", {}).values() if "cache" in e})
+    if cached:  # the dense figures were measured by an earlier run (agent_prune.evaluation.cache)
+        text += (f" Dense figures read from the evaluation cache, measured {', '.join(cached)} "
+                 "on the same model files, data files, protocol and evaluation code.")
+    return text
 
 
 def _steps_section(steps: list[dict]) -> list[str]:

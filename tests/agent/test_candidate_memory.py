@@ -1,0 +1,44 @@
+"""Candidates are scored from their replay and not kept in memory: the scores, and so the decisions,
+are those of the models that were built."""
+
+import pytest
+
+from agent_prune.agent.runtime import RunContext
+from agent_prune.agent.trace import read_trace
+from tests.agent.loop_fixtures import tiny_run_options
+
+ACTIONS = {
+    "depth": [{"kind": "remove_layers", "layers": [2]}],
+    "width": [{"kind": "prune_width", "layer": i, "mlp_channels": 24, "kv_groups": 0} for i in range(6)],
+}
+
+
+def without_timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "seconds"}
+
+
+@pytest.mark.parametrize("recovery", ["none", "reconstruct"])
+def test_a_replayed_candidate_scores_exactly_as_the_built_one(tmp_path, recovery):
+    ctx = RunContext(tiny_run_options(tmp_path, recovery=recovery))
+    ctx.commit_dense()
+    model, manifest = ctx.load_state(ctx.store.step_dir(0))
+    profile = ctx.profile(model, manifest)
+    for branch, actions in ACTIONS.items():
+        built, built_manifest, info = ctx.candidate_model(model, manifest, actions, profile)
+        target = tmp_path / "candidates" / branch
+        ctx.save_candidate(target, built, built_manifest, {"actions": actions, **info})
+        replayed, _ = ctx.replay_state(target)
+        assert replayed is not built
+        assert without_timing(ctx.score(replayed)) == without_timing(ctx.score(built))
+
+
+def test_a_run_keeps_one_replayed_state_and_no_candidate(tmp_path):
+    ctx = RunContext(tiny_run_options(tmp_path, final_eval={"windows": 0, "speed": False}))
+    from agent_prune.agent.graph import run_graph
+
+    state = run_graph(ctx)
+    assert state["status"] == "target_reached"
+    assert len(ctx._models) <= RunContext.MODEL_CACHE == 1
+    assert all("candidates" not in key for key in ctx._models)
+    assert any(r["event"] == "decision" for r in read_trace(tmp_path / "run" / "trace.jsonl"))
+
