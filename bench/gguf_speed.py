@@ -1,6 +1,6 @@
 """GGUF exports in llama.cpp: perplexity against transformers, file sizes, tokens/s dense vs pruned.
 
-    python bench/gguf_speed.py \\
+    python -m bench.gguf_speed \\
         --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --actions bench/gguf_demo_actions.json --data-dir ../shared/data --out bench/results/gguf_speed.json
 

@@ -3,9 +3,11 @@
 Uniform widths are written as llama.cpp's ``llama`` architecture. Per-layer widths are written as
 ``deci`` (the architecture of the heterogeneous Nemotron-NAS models): llama.cpp reads head counts,
 KV-head counts and feed-forward lengths as per-layer arrays for every architecture, but only some
-graphs honour them; the bundled ``llama`` graph sizes every layer by layer 0 and refuses the file
-("tensor has wrong shape"), while ``deci`` builds each layer from its own entries and otherwise
-runs the same computation (RMSNorm, RoPE "norm", GQA attention, SwiGLU MLP).
+graphs honour them. In the llama.cpp that llama-cpp-python 0.3.36 bundles, ``src/models/llama.cpp``
+creates every layer's tensors with the global ``hparams.n_head()`` / ``n_ff()`` (layer 0's), so a
+heterogeneous ``llama`` file cannot load, while ``src/models/deci.cpp`` reads ``n_head(il)``,
+``n_head_kv(il)`` and ``n_ff(il)`` per layer and otherwise runs the same computation (RMSNorm, RoPE
+"norm", GQA attention, SwiGLU MLP).
 
 Weights are quantised with the ``gguf`` package. Default types: those of the input GGUF, tensor by
 tensor, where the package can write them, else Q8_0. A matrix whose rows do not split into whole
