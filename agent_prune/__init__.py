@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from agent_prune.models.export import load_pretrained
 
         return load_pretrained
+    if name == "prune":
+        from agent_prune.api import prune
+
+        return prune
     raise AttributeError(f"module 'agent_prune' has no attribute '{name}'")

@@ -99,6 +99,8 @@ class RunOptions(BaseModel):
     data_dir: str | None = None
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    export_format: Literal["hf", "gguf"] = "hf"
+    export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
     gates: Gates = Field(default_factory=Gates)
     final_eval: FinalEval = Field(default_factory=FinalEval)
 

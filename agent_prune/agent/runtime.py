@@ -319,24 +319,33 @@ class RunContext:
     def finish(self, state: dict) -> dict:
         """Export the best accepted state, then measure dense vs pruned on the test protocol."""
         from agent_prune.models.accounting import count_parameters
-        from agent_prune.models.export import export_model
 
         best = self.store.index().best or 0
         model, manifest = self.load_state(self.store.step_dir(best))
         self.reporter.finishing("exporting")
-        export_dir = self.run_dir / "model"
+        gguf = self.options.export_format == "gguf"
+        export_path = self.run_dir / ("model.gguf" if gguf else "model")
         with self.trace.measure("phase", phase="export"):
-            export_model(model, self.base.tokenizer, export_dir, manifest)
+            export = self._write(model, manifest, export_path)
         dense_counts = count_parameters(self.base.model)
         pruned_counts = count_parameters(model, base_prunable=dense_counts.prunable)
         final = {
-            "export": str(export_dir), "best_step": best,
+            "export": str(export_path), "export_format": self.options.export_format,
+            "best_step": best,
             "params": {"dense": dense_counts.summary(), "pruned": pruned_counts.summary()},
             "mask_sparsity": pruned_counts.mask_sparsity,
-            "file_size": {"dense": weight_bytes(self.base.model),
-                          "pruned": sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))},
+            "file_size": {"dense": weight_bytes(self.base.model), "pruned": export["bytes"]},
             "layer_map": layer_map(manifest),
         }
+        if gguf:
+            # The dense model through the same writer and types: a like-for-like file and speed pair.
+            from agent_prune.actions import dense_manifest
+
+            dense_path = self.run_dir / "final" / "dense.gguf"
+            dense = self._write(self.base.model, dense_manifest(self.base.model), dense_path)
+            final["file_size"]["dense"] = dense["bytes"]
+            final["gguf"] = {"dense": str(dense_path), "quant": export["quant"],
+                             "quant_source": export["quant_source"], "architecture": export["architecture"]}
         if self.options.final_eval.windows > 0 and self.options.final_eval.tasks:
             final["evaluation"] = {"dense": self.final_evaluation(self.base.model, "dense"),
                                    "pruned": self.final_evaluation(model, f"step-{best:04d}")}
@@ -348,7 +357,30 @@ class RunContext:
                 speed = measure_speed({"dense": self.base.model, "pruned": model})
             final["speed"] = {"dense": speed["dense"], "pruned": speed["pruned"],
                               "protocol": speed["protocol"]}
+            if gguf:
+                final["llama_cpp_speed"] = self.llama_cpp_speed(final["gguf"]["dense"], export_path)
         return final
+
+    def _write(self, model, manifest, path: Path) -> dict:
+        from agent_prune.models.formats import input_gguf, write_model
+
+        return write_model(model, self.base.tokenizer, path, manifest, self.options.export_format,
+                           self.options.export_quant, reference=input_gguf(self.options.model))
+
+    def llama_cpp_speed(self, dense: str, pruned: Path) -> dict | None:
+        """Dense vs pruned GGUF in llama.cpp (None, with a warning, without llama-cpp-python)."""
+        from agent_prune.data.corpora import tokenize_text, wikitext2_text
+        from agent_prune.evaluation import llamacpp
+
+        try:
+            llamacpp.require_llama_cpp()
+        except InputError as exc:
+            self.reporter.warn(f"no llama.cpp speed measurement: {exc.one_line()}")
+            return None
+        self.reporter.finishing("measuring speed in llama.cpp")
+        prompt = tokenize_text(self.base.tokenizer, wikitext2_text(self.data_dir, "test"))
+        return llamacpp.measure_speed({"dense": dense, "pruned": str(pruned)},
+                                      prompt[: llamacpp.PROMPT_TOKENS].tolist())
 
     def final_evaluation(self, model, name: str) -> dict:
         """The report's tasks on the test protocol, kept per state so resume does not redo them.

@@ -15,6 +15,7 @@ from agent_prune.data.sources import check_jsonl_files, resolve_data_dir
 from agent_prune.data.tasks import FREEBASEQA_FILE, MC_FILES
 from agent_prune.errors import InputError
 from agent_prune.io import atomic_write_json, read_json
+from agent_prune.models.formats import check_exportable
 from agent_prune.models.loading import resolve_device, resolve_model_source
 
 RUN_FILE = "run.json"
@@ -33,6 +34,7 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
     resolve_model_source(options.model)
     resolve_device(options.device)
     check_jsonl_files(resolve_data_dir(options.data_dir), RUN_DATA_FILES)
+    check_exportable(options.model, options.export_format, options.export_quant)
     from agent_prune.agent.planners.spec import make_planner
 
     make_planner(options.planner, **planner_settings(options))  # a bad spec or option fails here

@@ -1,6 +1,6 @@
 """``agent-prune apply``: apply a JSON list of pruning actions to a model and export the result.
 
-    agent-prune apply --model M --actions actions.json --out DIR [--json]
+    agent-prune apply --model M --actions actions.json --out DIR [--format gguf [--quant Q8_0]] [--json]
 
 ``actions.json`` holds e.g. ``[{"kind": "remove_layers", "layers": [12, 13]},
 {"kind": "prune_width", "layer": 3, "mlp_channels": 0.25}]`` (schema: ``agent_prune.actions.schema``).
@@ -16,6 +16,7 @@ from rich.table import Table
 
 from agent_prune.commands.common import add_model_args, add_output_args, print_json, stderr_console
 from agent_prune.errors import AgentPruneError, InputError
+from agent_prune.models.formats import add_format_args
 
 EXAMPLE_HINT = 'write a JSON list such as [{"kind": "remove_layers", "layers": [12]}]'
 
@@ -26,7 +27,9 @@ def add_parser(subparsers) -> None:
     add_model_args(parser)
     parser.add_argument("--actions", required=True,
                         help="JSON file with a list of actions (or the JSON text itself)")
-    parser.add_argument("--out", required=True, help="folder to write the exported model to")
+    parser.add_argument("--out", required=True,
+                        help="folder to write the exported model to (FILE.gguf with --format gguf)")
+    add_format_args(parser)
     add_output_args(parser)
     parser.set_defaults(handler=run)
 
@@ -68,9 +71,12 @@ def _sizes(model, base_prunable: int) -> dict:
 
 def run(args) -> int:
     from agent_prune.actions import apply_actions, dense_manifest
-    from agent_prune.models.export import export_model, read_manifest
+    from agent_prune.models.export import read_manifest
+    from agent_prune.models.formats import check_format, input_gguf, write_model
     from agent_prune.models.loading import load_model
 
+    fmt = args.export_format or "hf"
+    check_format(fmt, args.export_quant)
     actions = read_actions(args.actions)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     start = (read_manifest(loaded.source.path) if loaded.source.kind == "export"
@@ -79,14 +85,15 @@ def run(args) -> int:
     before = _sizes(loaded.model, base_prunable)
     manifest = apply_actions(loaded.model, actions, start)
     after = _sizes(loaded.model, base_prunable)
-    export = export_model(loaded.model, loaded.tokenizer, args.out, manifest)
+    export = write_model(loaded.model, loaded.tokenizer, args.out, manifest, fmt, args.export_quant,
+                         reference=input_gguf(args.model))
     structural = len(manifest.layers) != len(start.layers) or manifest.widths() != start.widths()
     masked = any(a.action.kind == "mask_sparsity" for a in manifest.actions[len(start.actions):])
     note = "structural: tensors are physically smaller" if structural else "no size or speed change"
     if structural and masked:
         note += "; the masks add no size or speed change"
     applied = manifest.actions[len(start.actions):]
-    payload = {"out": export.path, "export": export.model_dump(), "before": before, "after": after,
+    payload = {"out": export["path"], "export": export, "before": before, "after": after,
                "actions": [a.model_dump(mode="json") for a in applied], "note": note}
     if args.json:
         print_json(payload)
@@ -106,5 +113,5 @@ def _print_report(payload: dict) -> None:
     for record in payload["actions"]:
         stderr_console.print(f"- {record['action']['kind']}: {record['effect']}")
     stderr_console.print(f"{payload['note']}; exported to {payload['out']} "
-                         f"({payload['export']['safetensors_bytes']:,} bytes of safetensors; loads with "
+                         f"({payload['export']['bytes']:,} bytes, {payload['export']['format']}; loads with "
                          f"{payload['export']['loads_with']})")

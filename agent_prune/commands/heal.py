@@ -29,6 +29,7 @@ from agent_prune.data.sources import resolve_data_dir
 from agent_prune.errors import InputError
 from agent_prune.evaluation.perplexity import perplexity
 from agent_prune.models.export import export_model, read_manifest
+from agent_prune.models.formats import add_format_args, check_format, input_gguf, write_model
 from agent_prune.models.loading import load_model, save_dense
 from agent_prune.recovery.calibration import recovery_windows
 from agent_prune.recovery.heal import ALL_PROJECTIONS, HealProgress, HealSettings, heal
@@ -39,7 +40,9 @@ def add_parser(subparsers) -> None:
                                    description=__doc__)
     add_model_args(parser)
     parser.add_argument("--teacher", required=True, help="the dense model the student was pruned from")
-    parser.add_argument("--out", required=True, help="folder for the healed model (must not exist)")
+    parser.add_argument("--out", required=True,
+                        help="folder for the healed model (must not exist); FILE.gguf with --format gguf")
+    add_format_args(parser)
     parser.add_argument("--tokens", type=int, required=True, help="training token budget")
     parser.add_argument("--seconds", type=float, default=None, help="wall-clock budget for training")
     parser.add_argument("--method", choices=("lora", "full"), default="lora")
@@ -61,6 +64,8 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists():
         raise InputError(f"output folder {out} already exists", "pass a new --out folder")
+    fmt = args.export_format or "hf"
+    check_format(fmt, args.export_quant)
     if args.tokens <= 0:
         raise InputError(f"--tokens must be positive, got {args.tokens}", "e.g. --tokens 200000")
     settings = HealSettings(max_tokens=args.tokens, max_seconds=args.seconds, method=args.method,
@@ -78,7 +83,10 @@ def run(args) -> int:
     report = _heal_with_progress(student.model, teacher.model, train, heldout, settings, manifest, args.quiet)
     before = {"perplexity": ppl_before, "kl": report.kl_before}
     after = {"perplexity": _perplexity(student.model, ppl_ids), "kl": report.kl_after}
-    _save(student, manifest, out, report)
+    if fmt == "gguf":
+        _save_gguf(student, teacher, manifest, out, report, args.export_quant)
+    else:
+        _save(student, manifest, out, report)
     result = {"out": str(out), "before": before, "after": after, "teacher_perplexity": teacher_ppl,
               "tokens": report.tokens, "seconds": round(report.seconds, 1), "stopped_by": report.stopped_by,
               "settings": settings.model_dump(),
@@ -145,6 +153,20 @@ def _save(loaded, manifest, out: Path, report) -> None:
         os.replace(staged, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_gguf(student, teacher, manifest, out: Path, report, quant: str | None) -> None:
+    """One GGUF file, with the healing report beside it (``NAME.gguf.heal_report.json``).
+
+    The tokenizer and tensor types come from whichever of student and teacher was loaded from a
+    GGUF (a healed export usually descends from the teacher's GGUF).
+    """
+    from agent_prune.actions import dense_manifest
+
+    reference = input_gguf(student.source.spec) or input_gguf(teacher.source.spec)
+    write_model(student.model, student.tokenizer, out, manifest or dense_manifest(student.model), "gguf",
+                quant, reference=reference)
+    out.with_name(out.name + ".heal_report.json").write_text(json.dumps(report.model_dump(), indent=2))
 
 
 def _print_table(result: dict) -> None:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from agent_prune.commands.common import add_data_args, print_json
 from agent_prune.commands.config import load_config_file, validation_message
 from agent_prune.errors import EXIT_OK, EXIT_TARGET_NOT_REACHED, InputError
+from agent_prune.models.formats import add_format_args
 
 EXAMPLES = """examples:
   agent-prune run --model ../shared/models/smollm2-135m-instruct --data-dir ../shared/data \\
@@ -26,7 +27,7 @@ FLAG_FIELDS = (
     "model", "out", "target_sparsity", "planner", "planner_base_url", "planner_timeout",
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
     "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
-    "data_dir", "device", "dtype", "profile_gradients",
+    "data_dir", "device", "dtype", "profile_gradients", "export_format", "export_quant",
 )
 GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
               "min_probe_accuracy_ratio": float}
@@ -92,6 +93,7 @@ def add_run_args(parser) -> None:
     add_data_args(parser)
     parser.add_argument("--device", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    add_format_args(parser)
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no live progress")
 

@@ -41,7 +41,9 @@ def before_after_rows(final: dict) -> list[tuple[str, str, str]]:
         rows.append(("structural sparsity", "0.0%", f"{100 * pruned['structural_sparsity']:.1f}%"))
     sizes = final.get("file_size", {})
     if sizes:
-        rows.append(("weights file size", _mb(sizes.get("dense")), _mb(sizes.get("pruned"))))
+        label = (f"GGUF file size ({final['gguf']['quant']})" if final.get("gguf")
+                 else "weights file size")
+        rows.append((label, _mb(sizes.get("dense")), _mb(sizes.get("pruned"))))
     evaluation = final.get("evaluation") or {}
     if evaluation:
         for task, metric, label, percent in QUALITY_ROWS:
@@ -54,6 +56,11 @@ def before_after_rows(final: dict) -> list[tuple[str, str, str]]:
                        ("decode_tokens_per_s", "decode tokens/s")):
         if key in speed.get("dense", {}):
             rows.append((label, f"{speed['dense'][key]:.0f}", f"{speed['pruned'][key]:.0f}"))
+    engine = final.get("llama_cpp_speed") or {}
+    for key, label in (("prompt_tokens_per_s", "llama.cpp prompt tokens/s"),
+                       ("gen_tokens_per_s", "llama.cpp generation tokens/s")):
+        if key in engine.get("dense", {}):
+            rows.append((label, f"{engine['dense'][key]:.0f}", f"{engine['pruned'][key]:.0f}"))
     return rows
 
 

@@ -1,0 +1,108 @@
+"""GGUF export: read back by transformers (uniform widths) and run by llama.cpp itself (all widths)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from agent_prune.actions import apply_actions, dense_manifest
+from agent_prune.errors import InputError
+from agent_prune.models.gguf_export import export_gguf
+from tests.conftest import save_tiny, tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = [5, 17, 99, 3, 250, 64, 8, 1, 42, 77, 120, 200]
+UNIFORM = [{"kind": "remove_layers", "layers": [2]}] + [
+    {"kind": "prune_width", "layer": i, "heads": 1, "mlp_channels": 32} for i in range(3)]
+# Layer 1 loses a KV group, layer 2 MLP channels that leave 86 (not whole Q8_0 blocks of 32).
+MIXED = [{"kind": "prune_width", "layer": 1, "kv_groups": 1},
+         {"kind": "prune_width", "layer": 2, "mlp_channels": 10}, {"kind": "remove_layers", "layers": [3]}]
+
+
+def pruned(actions, **overrides):
+    model = tiny_model("llama", **overrides)
+    return model, apply_actions(model, actions, dense_manifest(model))
+
+
+def logits(model, ids=TOKENS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("quant, tolerance", [("F32", 1e-5), ("Q8_0", 0.05)])
+def test_uniform_export_reads_back_in_transformers(tmp_path, quant, tolerance):
+    from transformers import AutoModelForCausalLM
+
+    model, manifest = pruned(UNIFORM)
+    summary = export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant=quant)
+    assert summary.architecture == "llama" and not summary.heterogeneous
+    assert summary.tensor_types[quant] > 0 and summary.f16_fallbacks == []
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert back.config.num_hidden_layers == 3 and back.config.num_attention_heads == 2
+    expected = logits(model)
+    assert (logits(back) - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_mixed_widths_are_written_as_deci_with_per_layer_arrays(tmp_path):
+    model, manifest = pruned(MIXED)
+    summary = export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant="Q8_0")
+    assert summary.architecture == "deci" and summary.heterogeneous
+    assert summary.f16_fallbacks == ["blk.2.ffn_down.weight"]  # 86 channels: not whole blocks
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    fields = {key: field.contents() for key, field in reader.fields.items()
+              if key.startswith("deci.") or key == "general.architecture"}
+    assert fields["general.architecture"] == "deci"
+    assert fields["deci.attention.head_count"] == [w.num_heads for w in manifest.widths()] == [4, 2, 4]
+    assert fields["deci.attention.head_count_kv"] == [2, 1, 2]
+    assert fields["deci.feed_forward_length"] == [96, 96, 86]
+    assert fields["deci.attention.key_length"] == 16
+    shapes = {t.name: t.shape.tolist() for t in reader.tensors}
+    assert shapes["blk.1.attn_q.weight"] == [64, 32] and shapes["blk.2.ffn_down.weight"] == [86, 64]
+    assert reader.fields["agent_prune.manifest"].contents() == manifest.to_json()
+
+
+def test_bad_input_is_refused(tmp_path):
+    model, manifest = pruned(UNIFORM)
+    with pytest.raises(InputError, match="Q3_K"):
+        export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant="Q3_K")
+    with pytest.raises(InputError, match=r"\.gguf"):
+        export_gguf(model, tiny_tokenizer(), tmp_path / "m.bin", manifest)
+    qwen = tiny_model("qwen2")
+    with pytest.raises(InputError, match="llama-family"):
+        export_gguf(qwen, tiny_tokenizer(), tmp_path / "q.gguf", dense_manifest(qwen))
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_apply_writes_gguf_and_refuses_quant_without_it(tmp_path):
+    folder = save_tiny(tmp_path / "model")
+    actions = json.dumps(MIXED)
+    run = [sys.executable, "-m", "agent_prune", "apply", "--model", str(folder), "--actions", actions]
+    ok = subprocess.run([*run, "--format", "gguf", "--out", str(tmp_path / "m.gguf"), "--json"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    export = json.loads(ok.stdout)["export"]
+    assert export["format"] == "gguf" and export["architecture"] == "deci"
+    assert export["quant"] == "Q8_0" and export["bytes"] == (tmp_path / "m.gguf").stat().st_size
+    bad = subprocess.run([*run, "--quant", "Q8_0", "--out", str(tmp_path / "x")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --quant applies to GGUF")
+
+
+@pytest.mark.parametrize("actions", [UNIFORM, MIXED], ids=["uniform-llama", "mixed-deci"])
+def test_llama_cpp_runs_the_export_like_transformers(tmp_path, actions):
+    """llama.cpp's own logits of an F32 export match the pruned torch model's."""
+    pytest.importorskip("llama_cpp")
+    from agent_prune.evaluation.llamacpp import open_gguf
+
+    model, manifest = pruned(actions)
+    export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant="F32")
+    with open_gguf(tmp_path / "m.gguf", n_ctx=32, threads=1, logits_all=True) as llm:
+        llm.eval(TOKENS)
+        engine = torch.from_numpy(np.array(llm.scores[: len(TOKENS)]))
+    expected = logits(model)
+    assert (engine - expected).abs().max() <= 1e-3 * expected.abs().max()
