@@ -16,7 +16,7 @@ from tests.conftest import tiny_model, tiny_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny data directory holds short rows: run options sized for it (the loop itself is unchanged).
 SMALL = dict(seqlen=32, eval_windows=4, probe_limit=8, kl_windows=2, calib_samples=4,
-             final_eval={"windows": 0, "speed": False})
+             final_eval={"windows": 0, "seqlen": 32, "freebaseqa_limit": 8, "arc_limit": 8, "speed": False})
 
 
 def test_prune_a_model_object_to_10_percent(tmp_path):
@@ -51,5 +51,5 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 def test_bad_input_is_one_line_error(tmp_path):
     with pytest.raises(InputError, match="tokenizer"):
         agent_prune.prune(tiny_model("llama"), target_sparsity=0.1, out=tmp_path / "r")
-    with pytest.raises(InputError, match="target_sparsity"):
+    with pytest.raises(InputError, match="target-sparsity"):
         agent_prune.prune(str(tmp_path), tiny_tokenizer(), target_sparsity=2.0, out=tmp_path / "r")

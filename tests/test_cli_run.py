@@ -65,9 +65,12 @@ def start_held_run(tmp_path: Path, server: ChatServer, at_request: int = 2) -> t
     run_dir = tmp_path / "r"
     arrived = hold_request(server, at_request)
     err = (tmp_path / "stderr.txt").open("w")
+    # A shell that starts jobs in the background leaves SIGINT ignored for its children; give the run
+    # the default disposition a user's terminal gives it, whatever launched the test suite.
     proc = subprocess.Popen([sys.executable, "-m", "agent_prune", "run", "--config", str(config),
                              "--out", str(run_dir), "--quiet"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=err)
+                            stdout=subprocess.DEVNULL, stderr=err,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not arrived.wait(1.0):  # not a timing guess: only notices a run that ended early
         assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
     return proc, run_dir
