@@ -54,8 +54,9 @@ def main(argv=None) -> int:
             scored.setdefault(record["iteration"], {})[record["branch"]] = record["dir"]
     out = []
     for iteration, dirs in sorted(scored.items()):
-        if set(dirs) != {"depth", "width"}:
-            continue
+        if set(dirs) != {"depth", "width"} or not all((Path(d) / "signals.json").is_file()
+                                                       for d in dirs.values()):
+            continue  # one branch only, or not scored yet
         signals = {b: read_json(Path(d) / "signals.json") for b, d in dirs.items()}
         row = {"iteration": iteration, **compare(signals["depth"], signals["width"])}
         print(json.dumps(row), flush=True)
