@@ -36,7 +36,10 @@ def mlp_channel_cost(hidden: int) -> int:
     return 3 * hidden
 
 
-def mlp_cap(channels: int, max_fraction: float = 0.5, min_channels: int = 8) -> int:
+MIN_MLP_CHANNELS = 8  # a thinned layer keeps at least this many channels
+
+
+def mlp_cap(channels: int, max_fraction: float = 0.5, min_channels: int = MIN_MLP_CHANNELS) -> int:
     """MLP channels one step may take from a layer that has ``channels``."""
     return max(0, min(int(channels * max_fraction), channels - min_channels))
 
@@ -64,7 +67,7 @@ def size_depth(proposal: DepthProposal, layers: list[LayerSize], budget: int,
 
 
 def size_mlp(layer_indices: list[int], layers: list[LayerSize], budget: int, hidden: int,
-             max_fraction: float = 0.5, min_channels: int = 8,
+             max_fraction: float = 0.5, min_channels: int = MIN_MLP_CHANNELS,
              shares: list[float] | None = None) -> dict[int, int]:
     """Channels to remove per layer: ``budget`` split in proportion to ``shares`` (one per entry of
     ``layer_indices``; evenly without them), respecting per-layer caps; what a binding cap leaves

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from agent_prune.agent import decisions
 from agent_prune.agent.allocation import global_allocation
-from agent_prune.agent.candidates import LayerSize, mlp_cap, mlp_channel_cost, size_depth, size_width
+from agent_prune.agent.candidates import (
+    MIN_MLP_CHANNELS,
+    LayerSize,
+    mlp_cap,
+    mlp_channel_cost,
+    size_depth,
+    size_width,
+)
 from agent_prune.agent.planners.base import FailedStep
 from agent_prune.agent.proposal import LayerRow, PlannerContext, Proposal, StepRecord, WidthProposal
 from agent_prune.agent.runtime import RunContext
@@ -31,9 +38,8 @@ def suggested_mlp_cuts(profile: dict, budget: int, hidden: int, dense_channels: 
     layers = profile["layers"]
     if any(layer.get("structures_l2") is None for layer in layers):
         return [0] * len(layers)
-    floor = math.ceil(MIN_MLP_KEPT * dense_channels)
-    caps = [max(0, min(mlp_cap(layer["intermediate_size"]), layer["intermediate_size"] - floor))
-            for layer in layers]
+    floor = max(math.ceil(MIN_MLP_KEPT * dense_channels), MIN_MLP_CHANNELS)
+    caps = [mlp_cap(layer["intermediate_size"], min_channels=floor) for layer in layers]
     scores = [layer["structures_l2"]["mlp_channels"] for layer in layers]
     return global_allocation(scores, budget // mlp_channel_cost(hidden), caps)
 

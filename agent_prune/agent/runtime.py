@@ -255,11 +255,10 @@ class RunContext:
         write_state_dir(target, manifest.model_dump(mode="json"), side_tensors(candidate, manifest), record)
 
     def recover(self, model, manifest, first_changed: int = 0) -> dict | None:
-        """Local reconstruction of a candidate (``--recovery reconstruct``), as MoP does.
+        """Local reconstruction of a candidate (``--recovery reconstruct``, the default): each cut
+        layer's output projections refitted toward the dense sub-block on the candidate's own inputs.
 
-        ``distill`` heals accepted steps only: on the shared model, reconstruction on the loop's 16 C4
-        windows raised WikiText-2 perplexity of the loop's models (docs/benchmarks.md), so it is not
-        stacked under healing."""
+        ``distill`` heals accepted steps instead and does not reconstruct candidates first."""
         if self.options.recovery != "reconstruct":
             return None
         from agent_prune.recovery import reconstruct
