@@ -4,8 +4,9 @@
         --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --actions bench/gguf_demo_actions.json --data-dir ../shared/data --out bench/results/gguf_speed.json
 
-The pruned model is the actions file applied to the input (weight-magnitude selection, as
-``agent-prune apply`` does). Dense and pruned are written by the same GGUF writer at the same types
+The pruned model is a finished run's best step (``--run RUN_DIR``, e.g. the README demo's) or
+else the actions file applied to the input (weight-magnitude selection, as ``agent-prune apply``
+does). Dense and pruned are written by the same GGUF writer at the same types
 (the input's, and Q8_0), so the file and speed pairs compare like with like. Perplexity: WikiText-2
 test, tokenised once by the transformers tokenizer, the same non-overlapping windows for both engines
 (llama.cpp's own logits). Speed: :func:`agent_prune.evaluation.llamacpp.measure_speed` (interleaved
@@ -42,10 +43,25 @@ def work_parameters(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def pruned_model(args, dense: torch.nn.Module):
+    """The model to compare with ``dense`` and its manifest: a run's best step, or the actions."""
+    if args.run is None:
+        pruned = copy.deepcopy(dense)
+        actions = parse_actions(Path(args.actions).read_text())
+        return pruned, apply_actions(pruned, actions, dense_manifest(pruned))
+    from agent_prune.agent.runtime import RunContext
+    from agent_prune.agent.session import read_run_options
+
+    ctx = RunContext(read_run_options(args.run))
+    return ctx.load_state(ctx.store.step_dir(ctx.store.index().best))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="input GGUF")
-    parser.add_argument("--actions", default="bench/gguf_demo_actions.json")
+    parser.add_argument("--run", default=None, help="a finished run whose best step is the pruned model")
+    parser.add_argument("--actions", default="bench/gguf_demo_actions.json",
+                        help="without --run: actions that make the pruned model")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -61,8 +77,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     dense = loaded.model
-    pruned = copy.deepcopy(dense)
-    manifest = apply_actions(pruned, parse_actions(Path(args.actions).read_text()), dense_manifest(pruned))
+    pruned, manifest = pruned_model(args, dense)
     counts = count_parameters(pruned, base_prunable=count_parameters(dense).prunable)
     files = {}
     exports = {}
@@ -95,7 +110,7 @@ def main() -> None:
                          "gen_speedup": gen_ratio, "gen_of_ideal": gen_ratio / ideal}
     prompt_text = loaded.tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     result = {
-        "model": args.model, "actions": args.actions,
+        "model": args.model, "pruned_from": args.run or args.actions,
         "pruned": {"structural_sparsity": counts.structural_sparsity, "total_params": counts.total,
                    "layers": len(manifest.layers), "widths": [w.model_dump() for w in manifest.widths()]},
         "input_gguf_bytes": os.path.getsize(args.model),

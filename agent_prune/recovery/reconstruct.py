@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel
@@ -106,17 +107,27 @@ def reconstruct(
     for index, source in enumerate(sources):
         modules = plan[index]
         if index > last:  # past the last refit the stream is not needed
-            records.append(_record(index, source, [], {}))
+            records.append(_record(index, source, [], {}, None))
             continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
         blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
                              p_adapter.attention_projections(layer)["o_proj"]),
                   MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
                             p_adapter.mlp_projections(layer)["down_proj"])}
-        before = {m: _refit(layer, *blocks[m], stream, parts, kwargs[index], ridge) for m in modules}
-        after = _advance(layer, [blocks[m][:2] for m in modules], stream, parts, kwargs[index])
-        errors = {m: (before[m], errors) for m, errors in zip(modules, after)}
-        records.append(_record(index, source, modules, errors))
+        # When the MLP's down_proj is refitted last and its output goes straight into the residual
+        # stream, the refit pass keeps what it saw and the stream moves on by the change of that
+        # projection's output alone: no second pass through the layer.
+        shortcut = bool(modules) and modules[-1] == MLP_OUT and p_adapter.projections_feed_residual(layer)
+        before, seen = {}, None
+        for m in modules:
+            before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs[index], ridge,
+                                     keep=shortcut and m == modules[-1])
+        if seen is not None:
+            after = _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts)
+        else:
+            watched = blocks[modules[-1]][:2] if modules else None
+            after = _advance(layer, watched, stream, parts, kwargs[index])
+        records.append(_record(index, source, modules, before, after))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
             mark_overridden(manifest, index, module)
@@ -200,42 +211,72 @@ class _DenseTargets:
 
 @torch.no_grad()
 def _refit(layer: nn.Module, block: nn.Module, dense_block: nn.Module, projection: nn.Linear,
-           stream: torch.Tensor, parts, kwargs: dict, ridge: float) -> _Errors:
+           stream: torch.Tensor, parts, kwargs: dict, ridge: float, keep: bool = False
+           ) -> tuple[_Errors, list[_Seen] | None]:
     """Refit ``projection`` (the last linear of ``block``) so ``block`` reproduces ``dense_block`` on
-    the inputs the pruned layer feeds it; returns the errors before the refit."""
+    the inputs the pruned layer feeds it; returns the errors before the refit and, with ``keep``,
+    what each part of the stream saw (for :func:`_advance_by_projection`)."""
     collector = LeastSquaresCollector(projection.in_features, projection.out_features)
     watch = _DenseTargets(block, dense_block)
     watch.errors = before = _Errors()
+    kept: list[_Seen] | None = [] if keep else None
     try:
         with tap(projection) as seen:
             for part, fitted in parts:
                 watch.fitted = fitted
-                run_layer(layer, stream[part], kwargs)
+                out = run_layer(layer, stream[part], kwargs)
                 if fitted:
                     collector.add_batch(seen.inputs, _minus_bias(watch.target, projection))
+                if kept is not None:
+                    kept.append(_Seen(seen.inputs, seen.outputs, watch.target, out))
     finally:
         watch.remove()
     projection.weight.copy_(collector.solve(ridge).to(projection.weight.dtype))
     collector.free()
-    return before
+    return before, kept
+
+
+class _Seen(NamedTuple):
+    """One part of the stream in a refit pass: the projection's input and output, the dense
+    sub-block's output (the target) and the layer's output, all before the refit."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    target: torch.Tensor
+    layer_output: torch.Tensor
 
 
 @torch.no_grad()
-def _advance(layer: nn.Module, blocks: list[tuple[nn.Module, nn.Module]], stream: torch.Tensor, parts,
-             kwargs: dict) -> list[_Errors]:
-    """Move the stream through the refitted layer, measuring each refitted block on the way."""
-    watches = [_DenseTargets(block, dense_block) for block, dense_block in blocks]
-    for watch in watches:
+def _advance_by_projection(projection: nn.Linear, seen: list[_Seen], stream: torch.Tensor,
+                           parts) -> _Errors:
+    """Move the stream through a layer whose last refitted projection feeds the residual directly:
+    the layer's output changes by exactly the change of that projection's output."""
+    errors = _Errors()
+    for (part, fitted), record in zip(parts, seen):
+        output = projection(record.inputs)
+        errors.add(fitted, output, record.target)
+        stream[part] = record.layer_output + (output - record.outputs)
+    seen.clear()
+    return errors
+
+
+@torch.no_grad()
+def _advance(layer: nn.Module, block: tuple[nn.Module, nn.Module] | None, stream: torch.Tensor, parts,
+             kwargs: dict) -> _Errors | None:
+    """Move the stream through the (refitted) layer, measuring ``block`` (the last refitted one)
+    against its dense counterpart on the way."""
+    watch = _DenseTargets(*block) if block is not None else None
+    if watch is not None:
         watch.errors = _Errors()
     try:
         for part, fitted in parts:
-            for watch in watches:
+            if watch is not None:
                 watch.fitted = fitted
             stream[part] = run_layer(layer, stream[part], kwargs)
     finally:
-        for watch in watches:
+        if watch is not None:
             watch.remove()
-    return [watch.errors for watch in watches]
+    return watch.errors if watch is not None else None
 
 
 def _first(output):
@@ -246,13 +287,14 @@ def _minus_bias(target: torch.Tensor, module: nn.Linear) -> torch.Tensor:
     return target if module.bias is None else target - module.bias
 
 
-def _record(index: int, source: int, modules: list[str], errors: dict) -> LayerRefit:
+def _record(index: int, source: int, modules: list[str], before: dict, after: _Errors | None
+            ) -> LayerRefit:
     """Per layer, the errors of its last refitted projection (the MLP's when both were refit)."""
-    if not errors:
+    if not modules:
         return LayerRefit(index=index, source=source, modules=[], fit_error_before=0.0, fit_error_after=0.0)
-    before, after = errors[modules[-1]]
+    first = before[modules[-1]]
     return LayerRefit(
         index=index, source=source, modules=modules,
-        fit_error_before=before.relative(True), fit_error_after=after.relative(True),
-        heldout_error_before=before.relative(False), heldout_error_after=after.relative(False),
+        fit_error_before=first.relative(True), fit_error_after=after.relative(True),
+        heldout_error_before=first.relative(False), heldout_error_after=after.relative(False),
     )

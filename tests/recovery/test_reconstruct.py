@@ -90,3 +90,23 @@ def test_layers_before_the_first_change_would_refit_to_what_they_hold():
     assert [layer.modules for layer in report.layers[:2]] == [[], []]
     for key, value in full.state_dict().items():
         torch.testing.assert_close(skipped.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_moving_the_stream_by_the_projection_change_equals_a_second_pass(monkeypatch):
+    """Where down_proj feeds the residual directly, the stream advances by the change of its output
+    instead of a second pass through the layer; both give the same weights and errors."""
+    dense = tiny_model("llama")
+    pruned = cut_kv_group(cut_mlp(dense, 40), [1])  # layer 1 refits o_proj, then down_proj
+    shortcut, second_pass = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    fast = reconstruct(shortcut, dense, range(4), windows(), heldout=8)
+    from agent_prune.models.adapters import LlamaAdapter
+
+    monkeypatch.setattr(LlamaAdapter, "projections_feed_residual", lambda self, layer: False)
+    slow = reconstruct(second_pass, dense, range(4), windows(), heldout=8)
+    assert fast.layers[1].modules == ["self_attn.o_proj", "mlp.down_proj"]
+    for key, value in second_pass.state_dict().items():
+        torch.testing.assert_close(shortcut.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast.layers, slow.layers):
+        assert a.modules == b.modules
+        for name in ("fit_error_before", "fit_error_after", "heldout_error_before", "heldout_error_after"):
+            assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-6)
