@@ -68,6 +68,9 @@ def _command_module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Library progress bars (tqdm reads this once, at its first import) would interleave with the
+    # CLI's own progress display; a user's own setting wins.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -52,18 +52,35 @@ def test_mixed_widths_are_written_as_deci_with_per_layer_arrays(tmp_path):
     model, manifest = pruned(MIXED)
     summary = export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant="Q8_0")
     assert summary.architecture == "deci" and summary.heterogeneous
-    assert summary.f16_fallbacks == ["blk.2.ffn_down.weight"]  # 86 channels: not whole blocks
+    # 86 channels are not whole Q8_0 blocks of 32: padded with 10 zero channels, not written F16
+    assert summary.f16_fallbacks == [] and summary.zero_padded_channels == {2: 10}
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     fields = {key: field.contents() for key, field in reader.fields.items()
               if key.startswith("deci.") or key == "general.architecture"}
     assert fields["general.architecture"] == "deci"
     assert fields["deci.attention.head_count"] == [w.num_heads for w in manifest.widths()] == [4, 2, 4]
     assert fields["deci.attention.head_count_kv"] == [2, 1, 2]
-    assert fields["deci.feed_forward_length"] == [96, 96, 86]
+    assert fields["deci.feed_forward_length"] == 96  # every layer: 96, or 86 padded to 96
     assert fields["deci.attention.key_length"] == 16
     shapes = {t.name: t.shape.tolist() for t in reader.tensors}
-    assert shapes["blk.1.attn_q.weight"] == [64, 32] and shapes["blk.2.ffn_down.weight"] == [86, 64]
+    assert shapes["blk.1.attn_q.weight"] == [64, 32] and shapes["blk.2.ffn_down.weight"] == [96, 64]
     assert reader.fields["agent_prune.manifest"].contents() == manifest.to_json()
+
+
+def test_zero_padding_to_whole_blocks_keeps_the_function(tmp_path):
+    """An MLP width that is not whole quantisation blocks is padded with zero channels: the file reads
+    back as a wider but equivalent model."""
+    from transformers import AutoModelForCausalLM
+
+    model, manifest = pruned([{"kind": "prune_width", "layer": i, "mlp_channels": 10} for i in range(4)])
+    summary = export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant="Q8_0")
+    assert summary.architecture == "llama" and summary.zero_padded_channels == dict.fromkeys(range(4), 10)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert back.config.intermediate_size == 96
+    padding = [layer.mlp.down_proj.weight.detach()[:, 86:] for layer in back.model.layers]
+    assert all(float(p.abs().max()) == 0.0 for p in padding)
+    expected = logits(model)
+    assert (logits(back) - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
 def test_bad_input_is_refused(tmp_path):

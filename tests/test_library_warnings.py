@@ -5,6 +5,7 @@ transformers logs each deprecation only once per process."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,25 @@ def test_kv_cache_code_prints_no_library_warnings(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"warnings": [], "logged": []}
     assert "deprecated" not in result.stderr
+
+
+def test_cli_loading_a_gguf_prints_no_library_progress_bar(tmp_path):
+    """transformers dequantises a GGUF under a plain tqdm bar that its own switch does not reach; the
+    CLI's output carries only its own progress."""
+    from agent_prune.actions import dense_manifest
+    from agent_prune.models.gguf_export import export_gguf
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama")
+    export_gguf(model, tiny_tokenizer(), tmp_path / "tiny.gguf", dense_manifest(model), quant="F32")
+    actions = tmp_path / "actions.json"
+    actions.write_text('[{"kind": "remove_layers", "layers": [1]}]')
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env["AGENT_PRUNE_CACHE"] = str(tmp_path / "cache")
+    command = [sys.executable, "-m", "agent_prune", "apply", "--model", str(tmp_path / "tiny.gguf"),
+               "--actions", str(actions), "--out", str(tmp_path / "out")]
+    result = subprocess.run(command,
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "config.json").exists()
+    assert "de-quantizing" not in result.stderr and "it/s]" not in result.stderr

@@ -10,6 +10,8 @@ The planner says *where* (which layers, in what order, MLP vs attention share); 
   redistributed when a cap binds; the attention share as whole KV groups (each costs its query
   heads' q rows and o columns plus its k and v rows), least important layers first.
 Which channels or groups go inside a layer is the pruners' choice, from the profile's scores.
+Serving shapes (``shape_mlp_cuts``) then move the MLP cuts so that kept widths are multiples of a
+number, or the same in every layer, for engines that need aligned or uniform layers.
 The loop then sizes the width candidate to what the depth candidate removes (never past the
 target), so the two are compared at the same size.
 """
@@ -122,3 +124,44 @@ def size_width(proposal: WidthProposal, layers: list[LayerSize], budget: int, hi
     for i in sorted(set(groups) | set(channels)):
         plan[i] = {"mlp_channels": channels.get(i, 0), "kv_groups": groups.get(i, 0)}
     return plan
+
+
+def shape_mlp_cuts(cuts: dict[int, int], layers: list[LayerSize], multiple: int = 1,
+                   uniform: bool = False) -> dict[int, int]:
+    """``cuts`` (MLP channels to remove per layer) reshaped for serving, their total kept as close to
+    the requested one as the shape allows: with ``uniform`` every layer is cut to one common width
+    (a stock config that any engine loads); with ``multiple`` > 1 every thinned layer keeps a
+    multiple of ``multiple`` channels (tensor-core and kernel-friendly widths)."""
+    if uniform:
+        return _uniform_cuts(sum(cuts.values()), layers, multiple)
+    if multiple <= 1:
+        return cuts
+    shaped, movable = {}, []
+    for i, cut in cuts.items():
+        channels = layers[i].mlp_channels
+        kept = channels - cut
+        lower = kept // multiple * multiple      # kept width if this layer gives one multiple more
+        upper = min(channels, lower + multiple) if lower < kept else kept
+        shaped[i] = channels - upper
+        if lower < upper and lower >= multiple and channels - lower <= mlp_cap(channels):
+            movable.append(((kept - lower) / multiple, i, upper - lower))
+    # Every layer first rounds toward keeping more; the layers nearest their lower multiple then
+    # give it up while that brings the total closer to the request.
+    deficit = sum(cuts.values()) - sum(shaped.values())
+    for _, i, step in sorted(movable):
+        if 2 * deficit < step:
+            break
+        shaped[i] += step
+        deficit -= step
+    return {i: c for i, c in shaped.items() if c > 0}
+
+
+def _uniform_cuts(total: int, layers: list[LayerSize], multiple: int) -> dict[int, int]:
+    """Cut every layer to the width that removes about ``total`` channels in all, rounded to
+    ``multiple`` and within each layer's cap (a layer already narrower is left as it is)."""
+    current = [layer.mlp_channels for layer in layers]
+    multiple = max(multiple, 1)
+    width = round((sum(current) - total) / len(layers) / multiple) * multiple
+    floor = max(multiple, MIN_MLP_CHANNELS, max(c - mlp_cap(c) for c in current))
+    width = max(width, -(-floor // multiple) * multiple)
+    return {layer.index: layer.mlp_channels - width for layer in layers if layer.mlp_channels > width}

@@ -16,6 +16,7 @@ from agent_prune.agent.candidates import (
     LayerSize,
     mlp_cap,
     mlp_channel_cost,
+    shape_mlp_cuts,
     size_depth,
     size_width,
 )
@@ -154,8 +155,8 @@ class LoopNodes:
                 budget = max(1, int(min(sum(sizes[i].params for i in layers), self.remaining(state))))
         if proposal.width is not None:
             cuts = self.suggested_cuts(profile, state["budget"]["params"])
-            width = size_width(with_suggested_shares(proposal.width, cuts), sizes, budget, ctx.hidden_size,
-                               ctx.head_dim)
+            width = self.serving_shape(size_width(self.shaped_proposal(proposal.width, cuts), sizes, budget,
+                                                  ctx.hidden_size, ctx.head_dim), sizes)
             if width:
                 plans["width"] = [{"kind": "prune_width", "layer": i, **counts}
                                   for i, counts in width.items()]
@@ -175,6 +176,25 @@ class LoopNodes:
             ctx.trace.event("candidate_built", iteration=iteration, duration_s=watch.seconds, **info)
             candidates.append(info)
         return {"candidates": candidates}
+
+    def shaped_proposal(self, width: WidthProposal, cuts: list[int]) -> WidthProposal:
+        """The width proposal the candidate is sized from: suggested amounts where the planner gave
+        none; with ``uniform_width``, every layer and no attention cut (heads stay uniform)."""
+        if self.ctx.options.uniform_width:
+            return width.model_copy(update={"layers": [], "mlp_share": 1.0, "mlp_shares": None})
+        return with_suggested_shares(width, cuts)
+
+    def serving_shape(self, plan: dict[int, dict[str, int]], sizes: list[LayerSize]) -> dict:
+        """``plan`` with its MLP cuts moved to the run's serving shape (``--width-multiple``,
+        ``--uniform-width``)."""
+        options = self.ctx.options
+        if options.width_multiple <= 1 and not options.uniform_width:
+            return plan
+        cuts = shape_mlp_cuts({i: p["mlp_channels"] for i, p in plan.items() if p["mlp_channels"]}, sizes,
+                              options.width_multiple, options.uniform_width)
+        shaped = {i: {"mlp_channels": cuts.get(i, 0), "kv_groups": plan.get(i, {}).get("kv_groups", 0)}
+                  for i in sorted(set(plan) | set(cuts))}
+        return {i: p for i, p in shaped.items() if p["mlp_channels"] or p["kv_groups"]}
 
     # ---- evaluate ------------------------------------------------------------------------------
     def evaluate(self, state: dict) -> dict:

@@ -95,6 +95,12 @@ class RunOptions(BaseModel):
                            "metrics only, and the backward pass doubles the profile's cost")
     calib_samples: int = Field(32, ge=1, description="C4 windows of seqlen tokens for the profile and "
                                                        "the reconstruction of each candidate")
+    width_multiple: int = Field(1, ge=1, description="every thinned layer keeps a multiple of this many "
+                                                      "MLP channels (e.g. 64, for aligned kernels)")
+    uniform_width: bool = Field(False, description="width steps cut every layer to one common MLP width and "
+                                                   "leave attention whole, so the export has a stock config "
+                                                   "(vLLM, TensorRT-LLM and other engines without per-layer "
+                                                   "widths load it); allocation across layers is given up")
     seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"

@@ -318,6 +318,7 @@ class RunContext:
     def finish(self, state: dict) -> dict:
         """Export the best accepted state, then measure dense vs pruned on the test protocol."""
         from agent_prune.models.accounting import count_parameters
+        from agent_prune.models.formats import engines_that_load
 
         best = self.store.index().best or 0
         model, manifest = self.load_state(self.store.step_dir(best))
@@ -335,6 +336,7 @@ class RunContext:
             "mask_sparsity": pruned_counts.mask_sparsity,
             "file_size": {"dense": weight_bytes(self.base.model), "pruned": export["bytes"]},
             "layer_map": layer_map(manifest),
+            "loads_in": engines_that_load(self.options.export_format, export["heterogeneous"]),
         }
         if gguf:
             # The dense model through the same writer and types: a like-for-like file and speed pair.

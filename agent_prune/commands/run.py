@@ -27,7 +27,8 @@ FLAG_FIELDS = (
     "model", "out", "target_sparsity", "planner", "planner_base_url", "planner_timeout",
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
     "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
-    "data_dir", "device", "dtype", "profile_gradients", "export_format", "export_quant",
+    "data_dir", "device", "dtype", "profile_gradients", "export_format", "export_quant", "width_multiple",
+    "uniform_width",
 )
 GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
               "min_probe_accuracy_ratio": float}
@@ -80,6 +81,11 @@ def add_run_args(parser) -> None:
     parser.add_argument("--profile-gradients", action="store_true", default=None,
                         help="add gradient and Taylor metrics to each step's profile (the taylor "
                              "pruner needs them; doubles the profile's cost)")
+    parser.add_argument("--width-multiple", type=int, metavar="N",
+                        help="every thinned layer keeps a multiple of N MLP channels (e.g. 64)")
+    parser.add_argument("--uniform-width", action="store_true", default=None,
+                        help="cut every layer to one MLP width and keep attention whole, so the "
+                             "export loads with a stock config (vLLM, TensorRT-LLM)")
     parser.add_argument("--seed", type=int)
     for flag in GATE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", type=float, dest=flag,

@@ -65,3 +65,16 @@ def write_model(model: nn.Module, tokenizer, out: str | Path, manifest: Manifest
 
     summary = export_model(model, tokenizer, out, manifest)
     return {"format": "hf", "bytes": summary.safetensors_bytes, **summary.model_dump()}
+
+
+def engines_that_load(fmt: str, heterogeneous: bool) -> str:
+    """Where an export of this format and shape runs, in words for the report."""
+    if fmt == "gguf":
+        return ("llama.cpp and GGUF engines built on it (architecture `llama`)" if not heterogeneous else
+                "llama.cpp (architecture `deci`: per-layer head counts and feed-forward lengths); "
+                "engines that read only `llama` GGUFs do not")
+    if not heterogeneous:
+        return "transformers, vLLM, TensorRT-LLM (a stock config); llama.cpp after `--format gguf`"
+    return ("transformers with `trust_remote_code=True`; llama.cpp after `--format gguf`; not vLLM or "
+            "TensorRT-LLM, which build every layer from the global sizes (`--uniform-width` makes one "
+            "that they load)")

@@ -10,15 +10,19 @@ heterogeneous ``llama`` file cannot load, while ``src/models/deci.cpp`` reads ``
 "norm", GQA attention, SwiGLU MLP).
 
 Weights are quantised with the ``gguf`` package. Default types: those of the input GGUF, tensor by
-tensor, where the package can write them, else Q8_0. A matrix whose rows do not split into whole
-quantisation blocks (a pruned MLP width that is not a multiple of 32) is written as F16 and listed
-in the summary. Q and K rows are permuted the way llama.cpp's converter does (transformers' GGUF
-loader undoes it when reading). The file is written beside its target and renamed into place.
+tensor, where the package can write them, else Q8_0. A pruned MLP width that is not a whole number
+of quantisation blocks (32 channels for Q8_0/Q4_x/Q5_x) is padded up to one with zero channels
+(zero gate/up rows and down_proj columns: silu(0) * 0 = 0, so the function is unchanged) and listed
+in the summary; F16 for those down_proj matrices would cost far more bytes than the few zero rows.
+Any other matrix whose rows are not whole blocks is written as F16 and listed. Q and K rows are
+permuted the way llama.cpp's converter does (transformers' GGUF loader undoes it when reading).
+The file is written beside its target and renamed into place.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -52,6 +56,7 @@ class GGUFSummary(BaseModel):
     gguf_bytes: int
     tensor_types: dict[str, int]
     f16_fallbacks: list[str]
+    zero_padded_channels: dict[int, int]  # layer -> MLP channels added to reach whole blocks
     loads_with: str
 
 
@@ -74,6 +79,21 @@ def tensor_type(shape: tuple[int, ...], wanted: Q) -> Q:
         return Q.F32
     block_size = gguf.GGML_QUANT_SIZES[wanted][0]
     return wanted if shape[-1] % block_size == 0 else Q.F16
+
+
+def block_width(width: int, kind: Q) -> int:
+    """``width`` rounded up to whole quantisation blocks of ``kind`` (F32/F16 blocks are 1)."""
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    return -(-width // block) * block
+
+
+def pad_mlp(hf_name: str, data: np.ndarray, width: int) -> np.ndarray:
+    """gate/up rows or down_proj columns padded with zeros to ``width`` MLP channels."""
+    if hf_name.endswith("mlp.down_proj.weight"):
+        return np.pad(data, ((0, 0), (0, width - data.shape[1])))
+    if hf_name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+        return np.pad(data, ((0, width - data.shape[0]), (0, 0)))
+    return data
 
 
 def permute_rows(weight: np.ndarray, head_dim: int) -> np.ndarray:
@@ -127,16 +147,18 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, manifest: Man
     default = _first(given, _writable(main_type(per_tensor)), FALLBACK)
     widths = manifest.widths()
     arch = architecture_for(widths)
+    # Per layer, the MLP width written: whole quantisation blocks of its down_proj's type.
+    ffn = [block_width(w.intermediate_size, _first(_writable(per_tensor.get(f"blk.{i}.ffn_down.weight")),
+                                                   default)) for i, w in enumerate(widths)]
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=out.parent)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        _add_metadata(writer, config, widths, adapter.head_dim, reader, manifest, default)
+        _add_metadata(writer, config, widths, ffn, adapter.head_dim, reader, manifest, default)
         vocab_size = model.get_input_embeddings().weight.shape[0]
         tokenizer_note = add_tokenizer(writer, tokenizer, vocab_size, reader)
-        types, fallbacks = _add_tensors(writer, model, arch, len(widths), adapter.head_dim, default,
-                                        per_tensor)
+        types, fallbacks = _add_tensors(writer, model, arch, ffn, adapter.head_dim, default, per_tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -155,6 +177,8 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, manifest: Man
         path=str(out), architecture=arch, heterogeneous=arch == "deci", quant=default.name,
         quant_source=source, tokenizer=tokenizer_note, gguf_bytes=out.stat().st_size,
         tensor_types=dict(Counter(kind.name for kind in types.values())), f16_fallbacks=fallbacks,
+        zero_padded_channels={i: f - w.intermediate_size for i, (f, w) in enumerate(zip(ffn, widths))
+                              if f > w.intermediate_size},
         loads_with="llama.cpp (llama_cpp.Llama(model_path=path))" + (
             "" if arch == "deci" else "; transformers: from_pretrained(folder, gguf_file=name)"),
     )
@@ -178,7 +202,7 @@ def check_supported(config) -> None:
                          "export with --format hf")
 
 
-def _add_metadata(writer: gguf.GGUFWriter, config, widths: list[Widths], head_dim: int,
+def _add_metadata(writer: gguf.GGUFWriter, config, widths: list[Widths], ffn: list[int], head_dim: int,
                   reader: gguf.GGUFReader | None, manifest: Manifest, main: Q) -> None:
     if reader is not None:
         copy_gguf_fields(writer, reader, "general.")
@@ -194,7 +218,7 @@ def _add_metadata(writer: gguf.GGUFWriter, config, widths: list[Widths], head_di
     writer.add_block_count(len(widths))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(per_layer([w.intermediate_size for w in widths]))
+    writer.add_feed_forward_length(per_layer(ffn))
     writer.add_head_count(per_layer([w.num_heads for w in widths]))
     writer.add_head_count_kv(per_layer([w.num_kv_heads for w in widths]))
     # Explicit, since llama.cpp would otherwise derive it as hidden / heads (wrong once heads go).
@@ -215,9 +239,9 @@ def _file_type(main: Q) -> int:
     return int(gguf.LlamaFileType[name])
 
 
-def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, n_layers: int, head_dim: int,
+def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, ffn: list[int], head_dim: int,
                  default: Q, per_tensor: dict[str, Q]) -> tuple[dict[str, Q], list[str]]:
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(ffn))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     types, fallbacks = {}, []
     for hf_name, tensor in model.state_dict().items():
@@ -229,6 +253,9 @@ def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, n_layers:
         data = tensor.detach().to("cpu", torch.float32).numpy()
         if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             data = permute_rows(data, head_dim)
+        layer = re.search(r"layers\.(\d+)\.mlp\.", hf_name)
+        if layer is not None:
+            data = pad_mlp(hf_name, data, ffn[int(layer.group(1))])
         wanted = _first(_writable(per_tensor.get(name)), default)
         kind = tensor_type(data.shape, wanted)
         if kind != wanted and kind == Q.F16:

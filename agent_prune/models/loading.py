@@ -237,8 +237,8 @@ def clean_config(config):
 class _quiet_transformers:
     """Silence transformers' progress bars and warnings while loading (the CLI shows its own).
 
-    GGUF dequantisation uses a plain ``tqdm`` that transformers' switch does not reach, hence
-    ``TQDM_DISABLE`` for the duration.
+    GGUF dequantisation uses a plain ``tqdm``, which transformers' switch does not reach and which
+    reads ``TQDM_DISABLE`` once, when tqdm is first imported: the CLI sets it before any import.
     """
 
     def __enter__(self):
@@ -246,10 +246,8 @@ class _quiet_transformers:
 
         self._level = hf_logging.get_verbosity()
         self._bars = hf_logging.is_progress_bar_enabled()
-        self._tqdm = os.environ.get("TQDM_DISABLE")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"
         return self
 
     def __exit__(self, *exc):
@@ -258,10 +256,6 @@ class _quiet_transformers:
         hf_logging.set_verbosity(self._level)
         if self._bars:
             hf_logging.enable_progress_bar()
-        if self._tqdm is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = self._tqdm
         return False
 
 

@@ -84,6 +84,8 @@ def write_report(run_dir: Path, summary: dict) -> Path:
         f"candidate choice by paired {options['select_by']}",
         f"- exported model: `{final.get('export', '-')}`",
     ]
+    if final.get("loads_in"):
+        lines.append(f"- loads in: {final['loads_in']}")
     if final.get("mask_sparsity"):
         lines.append(f"- mask sparsity {100 * final['mask_sparsity']:.1f}%: "
                      "masks give no size or speed change")
