@@ -74,11 +74,13 @@ def _model_spec(model_or_path, tokenizer, run_dir: Path) -> str:
 
 def _best_state(options, summary: dict) -> PruneResult:
     from agent_prune.actions import dense_manifest
-    from agent_prune.agent.runtime import RunContext
+    from agent_prune.agent.resources import RunResources
+    from agent_prune.agent.states import ModelStates
 
-    ctx = RunContext(options)
-    best = ctx.store.index().best
+    states = ModelStates(RunResources(options))
+    best = states.store.index().best
+    base = states.resources.base
     if best is None:
-        return PruneResult(ctx.base.model, ctx.base.tokenizer, dense_manifest(ctx.base.model), summary)
-    model, manifest = ctx.load_state(ctx.store.step_dir(best))
-    return PruneResult(model, ctx.base.tokenizer, manifest, summary)
+        return PruneResult(base.model, base.tokenizer, dense_manifest(base.model), summary)
+    model, manifest = states.load(states.store.step_dir(best))
+    return PruneResult(model, base.tokenizer, manifest, summary)

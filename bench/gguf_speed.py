@@ -49,11 +49,12 @@ def pruned_model(args, dense: torch.nn.Module):
         pruned = copy.deepcopy(dense)
         actions = parse_actions(Path(args.actions).read_text())
         return pruned, apply_actions(pruned, actions, dense_manifest(pruned))
-    from agent_prune.agent.runtime import RunContext
+    from agent_prune.agent.resources import RunResources
     from agent_prune.agent.session import read_run_options
+    from agent_prune.agent.states import ModelStates
 
-    ctx = RunContext(read_run_options(args.run))
-    return ctx.load_state(ctx.store.step_dir(ctx.store.index().best))
+    states = ModelStates(RunResources(read_run_options(args.run)))
+    return states.load(states.store.step_dir(states.store.index().best))
 
 
 def main() -> None:

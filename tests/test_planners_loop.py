@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from agent_prune.agent.runtime import Reporter
+from agent_prune.agent.reporter import Reporter
 from agent_prune.agent.session import start_run
 from agent_prune.agent.trace import read_trace
 from tests.agent.loop_fixtures import tiny_run_options

@@ -11,7 +11,7 @@ from agent_prune.agent.planners.heuristic import HeuristicPlanner
 from agent_prune.agent.planners.llm import LLMPlanner
 from agent_prune.agent.planners.openai_chat import normalise_base_url
 from agent_prune.agent.planners.spec import PlannerSpec, make_planner, parse_planner_spec
-from agent_prune.agent.runtime import planner_settings
+from agent_prune.agent.resources import planner_settings
 from agent_prune.commands.run import parse_key_values
 from agent_prune.errors import InputError
 from tests.conftest import SHARED_GGUF

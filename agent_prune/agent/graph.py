@@ -1,7 +1,7 @@
 """The LangGraph controller: profile -> plan -> build -> evaluate -> decide -> (reflect) -> loop.
 
 Graph state is small JSON (numbers, paths, records); tensors live in the model cache of the
-:class:`~agent_prune.agent.runtime.RunContext` and in the checkpoint store. Every node's result is
+:class:`~agent_prune.agent.states.ModelStates` and in the checkpoint store. Every node's result is
 checkpointed by ``SqliteSaver`` in ``RUN_DIR/state.sqlite``, so ``resume`` re-enters the graph at the
 node that was running when the process died; nodes are written to be safely re-run.
 """

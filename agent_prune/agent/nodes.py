@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from agent_prune.agent import decisions
+from agent_prune.agent import decisions, profiling
 from agent_prune.agent.allocation import global_allocation
 from agent_prune.agent.candidates import (
     MIN_MLP_CHANNELS,
@@ -62,7 +62,7 @@ class LoopNodes:
     def start(self, state: dict) -> dict:
         ctx = self.ctx
         with Stopwatch() as watch:
-            dense = ctx.commit_dense()
+            dense = ctx.steps.commit_dense()
         planner = getattr(ctx.planner, "describe", lambda: {"planner": ctx.options.planner})()
         ctx.trace.event("start", duration_s=watch.seconds, options=ctx.options.model_dump(),
                         planner=planner, dense=dense)
@@ -82,12 +82,12 @@ class LoopNodes:
         path = ctx.run_dir / "profiles" / f"step-{step:04d}.json"
         with Stopwatch() as watch:
             if not path.is_file():
-                model, manifest = ctx.load_state(Path(state["current"]["dir"]))
-                profile = ctx.profile(model, manifest)
+                model, manifest = ctx.states.load(Path(state["current"]["dir"]))
+                profile = profiling.profile_state(ctx, model, manifest)
                 atomic_write_json(path, profile)
             profile = read_json(path)
         ctx.trace.event("profile", iteration=state["iteration"] + 1, duration_s=watch.seconds,
-                        step=step, path=str(path), table=ctx.profile_table(profile))
+                        step=step, path=str(path), table=profiling.profile_rows(profile))
         return {"profile_path": str(path)}
 
     # ---- plan ----------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ class LoopNodes:
         profile = read_json(state["profile_path"])
         budget = self.step_budget(state)
         cuts = self.suggested_cuts(profile, budget)
-        rows = [LayerRow(**row, mlp_cut=cut) for row, cut in zip(ctx.profile_rows(profile), cuts)]
+        rows = [LayerRow(**row, mlp_cut=cut) for row, cut in zip(profiling.profile_rows(profile), cuts)]
         history = [StepRecord(**h["record"]) for h in state["history"]]
         return PlannerContext(
             iteration=iteration, num_layers=len(rows), current_sparsity=state["current"]["sparsity"],
@@ -143,8 +143,8 @@ class LoopNodes:
         iteration = state["iteration"]
         proposal = Proposal.model_validate(state["proposal"])
         profile = read_json(state["profile_path"])
-        base_model, base_manifest = ctx.load_state(Path(state["current"]["dir"]))
-        sizes = [LayerSize(**s) for s in ctx.layer_sizes(base_model)]
+        base_model, base_manifest = ctx.states.load(Path(state["current"]["dir"]))
+        sizes = [LayerSize(**s) for s in profiling.layer_sizes(base_model)]
         budget = state["budget"]["params"]
         plans = {}
         if proposal.depth is not None:
@@ -167,7 +167,7 @@ class LoopNodes:
             ctx.reporter.building(iteration, branch)
             with Stopwatch() as watch:
                 try:
-                    info = ctx.build_candidate(base_model, base_manifest, actions, profile, target, pruner)
+                    info = ctx.builder.build(base_model, base_manifest, actions, profile, target, pruner)
                 except InvalidActionError as exc:
                     ctx.trace.event("candidate_invalid", iteration=iteration, branch=branch,
                                     actions=actions, error=exc.one_line())
@@ -199,12 +199,12 @@ class LoopNodes:
     # ---- evaluate ------------------------------------------------------------------------------
     def evaluate(self, state: dict) -> dict:
         ctx = self.ctx
-        ctx.release_states()  # scoring's peak is then the dense model and one candidate
+        ctx.states.release()  # scoring's peak is then the dense model and one candidate
         scored = []
         for candidate in state["candidates"]:
             ctx.reporter.evaluating(state["iteration"], candidate["branch"])
             with Stopwatch() as watch:
-                record_path = ctx.score_state(Path(candidate["dir"]))
+                record_path = ctx.steps.score_state(Path(candidate["dir"]))
             summary = decisions.headline(read_json(record_path))
             ctx.trace.event("candidate_scored", iteration=state["iteration"], duration_s=watch.seconds,
                             branch=candidate["branch"], metrics=summary)
@@ -225,8 +225,8 @@ class LoopNodes:
         if decision["accepted"]:
             chosen = next(c for c in state["candidates"] if c["branch"] == decision["branch"])
             step = state["current"]["step"] + 1
-            step_dir, healed = ctx.accept(step, Path(chosen["dir"]), decision, chosen,
-                                          previous_sparsity=state["current"]["sparsity"])
+            step_dir, healed = ctx.steps.accept(step, Path(chosen["dir"]), decision, chosen,
+                                                previous_sparsity=state["current"]["sparsity"])
             if healed:  # the step is the healed model: its signals are the ones to carry on
                 chosen = {**chosen, "metrics": decisions.headline(read_json(step_dir / "signals.json"))}
             summary = f"{chosen['branch']}: " + decisions.describe_actions(chosen["actions"])
@@ -291,7 +291,7 @@ class LoopNodes:
     def finish(self, state: dict) -> dict:
         ctx = self.ctx
         with Stopwatch() as watch:
-            final = ctx.finish(state)
+            final = ctx.final.finish()
         ctx.trace.event("finish", duration_s=watch.seconds, status=state["status"], **final)
         return {"final": final}
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from agent_prune import __version__
 from agent_prune.agent.options import RunOptions
-from agent_prune.agent.runtime import Reporter, RunContext, planner_settings
+from agent_prune.agent.reporter import Reporter
+from agent_prune.agent.resources import planner_settings
+from agent_prune.agent.runtime import RunContext
 from agent_prune.data.corpora import C4_FILE, WIKITEXT_FILES
 from agent_prune.data.sources import check_jsonl_files, resolve_data_dir
 from agent_prune.data.tasks import FREEBASEQA_FILE, MC_FILES

@@ -30,21 +30,22 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from agent_prune.agent.runtime import RunContext
+    from agent_prune.agent.resources import RunResources
     from agent_prune.agent.session import read_run_options
+    from agent_prune.agent.states import ModelStates
     from agent_prune.models.formats import check_format, input_gguf, write_model
 
     fmt = args.export_format or "hf"
     check_format(fmt, args.export_quant)
-    ctx = RunContext(read_run_options(args.run_dir))
-    index = ctx.store.index()
+    states = ModelStates(RunResources(read_run_options(args.run_dir)))
+    index = states.store.index()
     step = index.best if args.step is None else args.step
     if step is None or step not in index.steps:
         raise InputError(f"step {args.step} is not an accepted step of this run",
                          f"accepted steps: {index.steps}")
-    model, manifest = ctx.load_state(ctx.store.step_dir(step))
-    summary = write_model(model, ctx.base.tokenizer, args.out, manifest, fmt, args.export_quant,
-                          reference=input_gguf(ctx.options.model))
+    model, manifest = states.load(states.store.step_dir(step))
+    summary = write_model(model, states.resources.base.tokenizer, args.out, manifest, fmt, args.export_quant,
+                          reference=input_gguf(states.resources.options.model))
     payload = {"run_dir": args.run_dir, "step": step, "sparsity": index.sparsity.get(step), **summary}
     if args.json:
         print_json(payload)

@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from agent_prune.agent.runtime import Reporter
+from agent_prune.agent.reporter import Reporter
 from agent_prune.commands.common import stderr_console
 
 

@@ -82,7 +82,7 @@ def prune_wanda_sp(model: nn.Module, windows: torch.Tensor, target: float, devic
 
 def recover(model: nn.Module, dense: nn.Module, manifest: Manifest, windows: torch.Tensor,
             recovery: str) -> dict | None:
-    """The agent loop's recovery (``RunContext.recover``), so every method gets the same one."""
+    """The agent loop's recovery (``CandidateBuilder.recover``), so every method gets the same one."""
     if recovery == "none":
         return None
     from agent_prune.recovery import reconstruct

@@ -3,7 +3,9 @@ are those of the models that were built."""
 
 import pytest
 
+from agent_prune.agent.profiling import profile_state
 from agent_prune.agent.runtime import RunContext
+from agent_prune.agent.states import ModelStates, save_state
 from agent_prune.agent.trace import read_trace
 from tests.agent.loop_fixtures import tiny_run_options
 
@@ -20,16 +22,16 @@ def without_timing(record: dict) -> dict:
 @pytest.mark.parametrize("recovery", ["none", "reconstruct"])
 def test_a_replayed_candidate_scores_exactly_as_the_built_one(tmp_path, recovery):
     ctx = RunContext(tiny_run_options(tmp_path, recovery=recovery))
-    ctx.commit_dense()
-    model, manifest = ctx.load_state(ctx.store.step_dir(0))
-    profile = ctx.profile(model, manifest)
+    ctx.steps.commit_dense()
+    model, manifest = ctx.states.load(ctx.states.store.step_dir(0))
+    profile = profile_state(ctx, model, manifest)
     for branch, actions in ACTIONS.items():
-        built, built_manifest, info = ctx.candidate_model(model, manifest, actions, profile)
+        built, built_manifest, info = ctx.builder.candidate(model, manifest, actions, profile)
         target = tmp_path / "candidates" / branch
-        ctx.save_candidate(target, built, built_manifest, {"actions": actions, **info})
-        replayed, _ = ctx.replay_state(target)
+        save_state(target, built, built_manifest, {"actions": actions, **info})
+        replayed, _ = ctx.states.replay(target)
         assert replayed is not built
-        assert without_timing(ctx.score(replayed)) == without_timing(ctx.score(built))
+        assert without_timing(ctx.scoring.score(replayed)) == without_timing(ctx.scoring.score(built))
 
 
 def test_a_run_keeps_one_replayed_state_and_no_candidate(tmp_path):
@@ -38,7 +40,7 @@ def test_a_run_keeps_one_replayed_state_and_no_candidate(tmp_path):
 
     state = run_graph(ctx)
     assert state["status"] == "target_reached"
-    assert len(ctx._models) <= RunContext.MODEL_CACHE == 1
-    assert all("candidates" not in key for key in ctx._models)
+    assert len(ctx.states._models) <= ModelStates.MODEL_CACHE == 1
+    assert all("candidates" not in key for key in ctx.states._models)
     assert any(r["event"] == "decision" for r in read_trace(tmp_path / "run" / "trace.jsonl"))
 

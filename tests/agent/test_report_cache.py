@@ -2,22 +2,22 @@
 
 import json
 
-from agent_prune.agent.runtime import RunContext
+from agent_prune.agent.scoring import Scoring
 from agent_prune.agent.session import start_run
 from agent_prune.agent.trace import read_trace
 from tests.agent.loop_fixtures import tiny_run_options
 
 
 def count_report_tasks(monkeypatch) -> list[tuple[int, str]]:
-    """Calls of ``RunContext.report_task`` (the seam that runs the test protocol) as (model id, task)."""
+    """Calls of ``Scoring.report_task`` (the seam that runs the test protocol) as (model id, task)."""
     calls: list[tuple[int, str]] = []
-    real = RunContext.report_task
+    real = Scoring.report_task
 
     def counted(self, model, task):
-        calls.append((id(model) == id(self.base.model), task))
+        calls.append((id(model) == id(self.resources.base.model), task))
         return real(self, model, task)
 
-    monkeypatch.setattr(RunContext, "report_task", counted)
+    monkeypatch.setattr(Scoring, "report_task", counted)
     return calls
 
 

@@ -1,0 +1,89 @@
+"""Candidates: a step's actions applied to a copy of the current model, recovered, and saved; and
+the distillation healing of an accepted step (``--recovery distill``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import nn
+
+from agent_prune.actions import Manifest
+from agent_prune.agent.resources import RunResources
+from agent_prune.agent.states import save_state
+
+
+def first_changed_layer(actions: list[dict]) -> int:
+    """The first current layer whose weights or inputs ``actions`` change (after a removal, the layer
+    that moves into the removed one's place)."""
+    indices = [a["layer"] for a in actions if "layer" in a]
+    indices += [i for a in actions for i in a.get("layers", [])]
+    return min(indices, default=0)
+
+
+class CandidateBuilder:
+    def __init__(self, resources: RunResources):
+        self.resources = resources
+
+    def build(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
+              target: Path, pruner: str = "l2") -> dict:
+        """Apply ``actions`` to a copy of ``model`` (structures chosen by ``pruner``'s scores from
+        ``profile``), recover it, and save it under ``target``; the copy is dropped on return (the
+        evaluate node replays it)."""
+        candidate, new_manifest, info = self.candidate(model, manifest, actions, profile, pruner)
+        save_state(target, candidate, new_manifest, {"actions": actions, **info})
+        return info
+
+    def candidate(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
+                  pruner: str = "l2") -> tuple[nn.Module, Manifest, dict]:
+        """(candidate, its manifest, info): ``actions`` applied to a copy of ``model``, recovered."""
+        from agent_prune.actions import apply_actions
+        from agent_prune.agent.decisions import describe_actions
+        from agent_prune.models.accounting import count_parameters
+        from agent_prune.sensitivity.schema import SensitivityProfile
+
+        candidate = copy.deepcopy(model)
+        parsed = SensitivityProfile.model_validate(profile)
+        if pruner == "taylor" and parsed.layers[0].structures_taylor is None:
+            pruner = "l2"  # a run profiled without gradients has no Taylor scores; the record says so
+        scores = dict(enumerate(parsed.structure_scores(pruner)))
+        new_manifest = apply_actions(candidate, actions, manifest, scores=scores,
+                                     protected=profile.get("protected", []))
+        recovery = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
+        counts = count_parameters(candidate, base_prunable=new_manifest.base.prunable_parameters)
+        info = {"params": counts.total, "prunable": counts.prunable,
+                "sparsity": round(counts.structural_sparsity, 6), "summary": describe_actions(actions),
+                "pruner": pruner, "recovery": recovery}
+        return candidate.eval(), new_manifest, info
+
+    def recover(self, model: nn.Module, manifest: Manifest, first_changed: int = 0) -> dict | None:
+        """Local reconstruction of a candidate (``--recovery reconstruct``, the default): each cut
+        layer's output projections refitted toward the dense sub-block on the candidate's own inputs.
+
+        ``distill`` heals accepted steps instead and does not reconstruct candidates first."""
+        if self.resources.options.recovery != "reconstruct":
+            return None
+        from agent_prune.recovery import reconstruct
+
+        # Every state the loop builds on was reconstructed on the same windows (or is dense), so
+        # layers before this step's first change would refit to what they already hold.
+        report = reconstruct(model, self.resources.base.model, manifest, self.resources.calibration,
+                             first_changed=first_changed)  # marks overrides
+        return {"method": "reconstruct", "seconds": round(report.seconds, 2),
+                "modules": len(report.overrides)}
+
+    def heal(self, model: nn.Module, manifest: Manifest, share: float) -> dict:
+        """Distillation healing of an accepted state with ``share`` of the run's healing budget."""
+        from agent_prune.recovery import HealSettings, heal
+        from agent_prune.recovery.calibration import recovery_windows
+
+        r, o = self.resources, self.resources.options
+        tokens = max(o.seqlen, int(o.heal_tokens * share))
+        settings = HealSettings(max_tokens=tokens, max_seconds=max(1.0, o.heal_seconds * share),
+                                seed=o.seed)
+        windows, heldout = recovery_windows(r.base.tokenizer, r.data_dir, tokens=tokens, seqlen=o.seqlen)
+        r.reporter.finishing(f"healing ({tokens} tokens at most)")
+        report = heal(model, r.base.model, windows, settings, eval_windows=heldout,
+                      manifest=manifest)  # marks the healed modules overridden
+        return {"method": "distill", "tokens": report.tokens, "seconds": round(report.seconds, 1),
+                "kl_before": report.kl_before, "kl_after": report.kl_after}

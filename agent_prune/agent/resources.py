@@ -1,0 +1,71 @@
+"""What every piece of a run shares: its options, trace and reporter, and what is built on first use
+(the base model, the data folder, the planner, the calibration windows)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from agent_prune.agent.options import RunOptions
+from agent_prune.agent.reporter import Reporter
+from agent_prune.agent.trace import TraceWriter
+from agent_prune.errors import InputError
+
+
+def planner_settings(options: RunOptions) -> dict:
+    """The run options that configure the planner, as ``make_planner`` keywords."""
+    clash = {"base_url", "timeout_s"} & set(options.planner_options)
+    if clash:
+        raise InputError(f"planner option {sorted(clash)[0]} has its own setting",
+                         "use --planner-base-url / --planner-timeout (planner_base_url / "
+                         "planner_timeout in a config file)")
+    settings = {**options.planner_options, "timeout_s": options.planner_timeout}
+    if options.planner_base_url:
+        settings["base_url"] = options.planner_base_url
+    return settings
+
+
+class RunResources:
+    def __init__(self, options: RunOptions, reporter: Reporter | None = None):
+        self.options = options
+        self.run_dir = Path(options.out)
+        self.reporter = reporter or Reporter()
+        self.trace = TraceWriter(self.run_dir / "trace.jsonl")
+
+    # Built on first use: resume, export and the Python API open a run without all of them.
+    @cached_property
+    def base(self):
+        from agent_prune.models.loading import load_model
+
+        self.reporter.finishing("loading model")
+        return load_model(self.options.model, device=self.options.device, dtype=self.options.dtype)
+
+    @cached_property
+    def data_dir(self):
+        from agent_prune.data.sources import resolve_data_dir
+
+        return resolve_data_dir(self.options.data_dir)
+
+    @cached_property
+    def planner(self):
+        from agent_prune.agent.planners.spec import make_planner
+
+        return make_planner(self.options.planner, notify=self.reporter.warn,
+                            **planner_settings(self.options))
+
+    @cached_property
+    def calibration(self):
+        """C4 windows for profiling and reconstruction (seeded; never an evaluation split)."""
+        from agent_prune.data.corpora import c4_documents, calibration_windows
+
+        docs = c4_documents(self.data_dir)
+        return calibration_windows(self.base.tokenizer, docs, self.options.calib_samples,
+                                   self.options.seqlen, seed=self.options.seed)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.adapter.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.base.adapter.head_dim

@@ -1,0 +1,98 @@
+"""Measuring models: the loop's signals, the report's test protocol, and the dense model's figures
+through the content-addressed evaluation cache (``agent_prune.evaluation.cache``), so a later run of
+the same model and protocol reads them instead of measuring again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property, partial
+
+from torch import nn
+
+from agent_prune.agent.resources import RunResources
+
+REPORT_BATCH = 4  # sequences per forward in the report's evaluation (part of its cache key)
+
+
+class Scoring:
+    def __init__(self, resources: RunResources):
+        self.resources = resources
+
+    @cached_property
+    def evaluator(self):
+        from agent_prune.evaluation.loop import LoopEvaluator
+
+        r, o = self.resources, self.resources.options
+        return LoopEvaluator(
+            r.base.tokenizer, r.data_dir, seqlen=o.seqlen,
+            ppl_windows=o.eval_windows, probe_questions=o.probe_limit,
+            probe_offset=o.final_eval.freebaseqa_limit, kl_windows=o.kl_windows,
+            reference_model=r.base.model if o.kl_windows else None,
+            seed=o.seed,
+        )
+
+    def score(self, model: nn.Module) -> dict:
+        """The loop's signals of ``model`` (what the gates and the planner read)."""
+        self.evaluator.progress = self.resources.reporter
+        return self.evaluator.score(model).model_dump(mode="json")
+
+    def report_task(self, model: nn.Module, task: str) -> dict:
+        """One task of the report's protocol; the seam where the test protocol is run (tests count
+        its calls to show that the dense model is evaluated once per protocol)."""
+        from agent_prune.evaluation.harness import run_tasks
+
+        r, spec = self.resources, self.resources.options.final_eval
+        return run_tasks(model, r.base.tokenizer, [task], r.data_dir, seqlen=spec.seqlen,
+                         windows=spec.windows, limit=self.task_limit(task), batch_size=REPORT_BATCH,
+                         progress=r.reporter)[task]
+
+    def task_limit(self, task: str) -> int | None:
+        spec = self.resources.options.final_eval
+        return {"wikitext2": None, "freebaseqa": spec.freebaseqa_limit}.get(task, spec.arc_limit)
+
+    # ---- the dense model's figures, cached by model, data and protocol --------------------------
+    def dense_signals(self) -> dict:
+        """The dense model's in-loop scores, from the cache when an earlier run of the same model,
+        data and loop settings measured them."""
+        from agent_prune.data.corpora import C4_FILE, WIKITEXT_FILES
+        from agent_prune.data.tasks import FREEBASEQA_FILE
+
+        o = self.resources.options
+        protocol = {"task": "loop signals", "dtype": o.dtype, "device": self.device_kind,
+                    "seqlen": o.seqlen, "eval_windows": o.eval_windows, "probe_limit": o.probe_limit,
+                    "probe_offset": o.final_eval.freebaseqa_limit, "kl_windows": o.kl_windows,
+                    "seed": o.seed}
+        return self._cached([WIKITEXT_FILES["validation"], FREEBASEQA_FILE, C4_FILE], protocol,
+                            partial(self.score, self.resources.base.model))
+
+    def dense_task(self, task: str) -> dict:
+        """The dense model's figures on one report task, from the cache where they were measured."""
+        from agent_prune.evaluation.cache import task_files
+
+        spec = self.resources.options.final_eval
+        protocol = {"task": task, "dtype": self.resources.options.dtype,
+                    "device": self.device_kind, "batch_size": REPORT_BATCH,
+                    **({"seqlen": spec.seqlen, "windows": spec.windows} if task == "wikitext2"
+                       else {"limit": self.task_limit(task)})}
+        return self._cached(task_files(task), protocol,
+                            partial(self.report_task, self.resources.base.model, task))
+
+    def _cached(self, files: list[str], protocol: dict, compute: Callable[[], dict]) -> dict:
+        """``compute()`` through the cache; measured afresh where the model or data has no digest."""
+        from agent_prune.evaluation import cache
+
+        data = cache.data_digest(self.resources.data_dir, files)
+        if self.dense_digest is None or data is None:
+            return compute()
+        return cache.cached(cache.entry_key(self.dense_digest, data, protocol), protocol, compute)
+
+    @property
+    def device_kind(self) -> str:
+        return next(self.resources.base.model.parameters()).device.type
+
+    @cached_property
+    def dense_digest(self) -> str | None:
+        from agent_prune.evaluation.cache import model_digest
+
+        source = self.resources.base.source
+        return model_digest(source.kind, source.path, source.gguf_file)
