@@ -59,6 +59,22 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=symbols[0])
 
 
+def tiny_merged_tokenizer():
+    """``tiny_tokenizer`` with one BPE merge, for GGUF files that engines read back: llama.cpp and
+    transformers' GGUF loader refuse a byte-level BPE without merges (the gguf package cannot write an
+    empty list). Byte 0xFF, which UTF-8 text never holds, gives its id to the merged pair."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = [s for b, s in bytes_to_unicode().items() if b != 0xFF]
+    vocab = {s: i for i, s in enumerate([*symbols, "Ġt"])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=symbols[0])
+
+
 def save_tiny(folder, family: str = "llama", seed: int = 0, **overrides) -> Path:
     """Save a tiny model with its tokenizer as a Hugging Face folder (for CLI and loading tests)."""
     folder = Path(folder)

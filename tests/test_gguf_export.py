@@ -13,7 +13,7 @@ import torch
 from agent_prune.actions import apply_actions, dense_manifest
 from agent_prune.errors import InputError
 from agent_prune.models.gguf_export import export_gguf
-from tests.conftest import save_tiny, tiny_model, tiny_tokenizer
+from tests.conftest import save_tiny, tiny_merged_tokenizer, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = [5, 17, 99, 3, 250, 64, 8, 1, 42, 77, 120, 200]
@@ -110,16 +110,34 @@ def test_cli_apply_writes_gguf_and_refuses_quant_without_it(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --quant applies to GGUF")
 
 
-@pytest.mark.parametrize("actions", [UNIFORM, MIXED], ids=["uniform-llama", "mixed-deci"])
-def test_llama_cpp_runs_the_export_like_transformers(tmp_path, actions):
-    """llama.cpp's own logits of an F32 export match the pruned torch model's."""
+@pytest.mark.parametrize("actions, quant, tolerance", [(UNIFORM, "F32", 1e-3), (MIXED, "F32", 1e-3),
+                                                     (MIXED, "Q8_0", 0.05)],
+                         ids=["uniform-llama", "mixed-deci", "mixed-deci-zero-padded-q8"])
+def test_llama_cpp_runs_the_export_like_transformers(tmp_path, actions, quant, tolerance):
+    """llama.cpp's own logits of an export match the pruned torch model's (at Q8_0 the 86-channel MLP
+    is padded to 96 with zero channels)."""
     pytest.importorskip("llama_cpp")
     from agent_prune.evaluation.llamacpp import open_gguf
 
     model, manifest = pruned(actions)
-    export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant="F32")
+    summary = export_gguf(model, tiny_merged_tokenizer(), tmp_path / "m.gguf", manifest, quant=quant)
+    assert summary.zero_padded_channels == ({2: 10} if quant == "Q8_0" else {})
     with open_gguf(tmp_path / "m.gguf", n_ctx=32, threads=1, logits_all=True) as llm:
         llm.eval(TOKENS)
         engine = torch.from_numpy(np.array(llm.scores[: len(TOKENS)]))
     expected = logits(model)
-    assert (engine - expected).abs().max() <= 1e-3 * expected.abs().max()
+    assert (engine - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+def test_engine_check_passes_a_good_file_and_names_a_broken_one(tmp_path):
+    """The probe runs the file in a child process, so an engine that dies cannot take the caller."""
+    pytest.importorskip("llama_cpp")
+    from agent_prune.evaluation.llamacpp import check_engine
+
+    model, manifest = pruned(MIXED)
+    export_gguf(model, tiny_merged_tokenizer(), tmp_path / "m.gguf", manifest, quant="Q8_0")
+    check_engine(tmp_path / "m.gguf")
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cannot run .*cut\.gguf"):
+        check_engine(tmp_path / "cut.gguf")

@@ -60,10 +60,10 @@ def test_cli_loading_a_gguf_prints_no_library_progress_bar(tmp_path):
     CLI's output carries only its own progress."""
     from agent_prune.actions import dense_manifest
     from agent_prune.models.gguf_export import export_gguf
-    from tests.conftest import tiny_model, tiny_tokenizer
+    from tests.conftest import tiny_merged_tokenizer, tiny_model
 
     model = tiny_model("llama")
-    export_gguf(model, tiny_tokenizer(), tmp_path / "tiny.gguf", dense_manifest(model), quant="F32")
+    export_gguf(model, tiny_merged_tokenizer(), tmp_path / "tiny.gguf", dense_manifest(model), quant="F32")
     actions = tmp_path / "actions.json"
     actions.write_text('[{"kind": "remove_layers", "layers": [1]}]')
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}

@@ -9,6 +9,8 @@ so a load change on a shared machine hits each model alike, and reports medians.
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -29,6 +31,32 @@ def require_llama_cpp():
         raise InputError("llama-cpp-python is not installed",
                          "pip install 'agent-prune[gguf-runtime]' (builds llama.cpp from source)") from None
     return llama_cpp
+
+
+# Loads the file and runs a few tokens: enough to reach the quantised matmul kernels.
+_PROBE = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, n_threads=1, "
+          "verbose=False); llm.eval([1, 2, 3, 4])")
+REBUILD_HINT = ("rebuild llama-cpp-python without the kernels this machine faults on, e.g. "
+                "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF "
+                "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF' pip install --force-reinstall --no-cache-dir "
+                "--no-deps llama-cpp-python (docs/benchmarks.md, GGUF in llama.cpp)")
+
+
+def check_engine(path: str | Path) -> None:
+    """Run ``path`` for a few tokens in a child process before measuring it in this one.
+
+    A llama.cpp build can kill its process outright: a native build on a CPU that lists AMX, under
+    a kernel that does not enable AMX tile state, faults in ``ldtilecfg`` on the first quantised
+    matmul (found on this project's VMs). In-process that would end a run with no message at all.
+    """
+    require_llama_cpp()
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode < 0:
+        raise InputError(f"llama.cpp crashed (signal {-done.returncode}) running {path}", REBUILD_HINT)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(f"llama.cpp cannot run {path}: {last}", "check the file with agent-prune eval")
 
 
 @contextmanager

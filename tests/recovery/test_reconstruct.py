@@ -104,8 +104,10 @@ def test_moving_the_stream_by_the_projection_change_equals_a_second_pass(monkeyp
     monkeypatch.setattr(LlamaAdapter, "projections_feed_residual", lambda self, layer: False)
     slow = reconstruct(second_pass, dense, range(4), windows(), heldout=8)
     assert fast.layers[1].modules == ["self_attn.o_proj", "mlp.down_proj"]
+    # Equal up to float32 rounding: old stream + change and a fresh pass round differently (the
+    # ridge solve then amplifies it to about 1.5e-6 in a few of the weights, which are ~1e-2).
     for key, value in second_pass.state_dict().items():
-        torch.testing.assert_close(shortcut.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(shortcut.state_dict()[key], value, rtol=1e-4, atol=1e-5)
     for a, b in zip(fast.layers, slow.layers):
         assert a.modules == b.modules
         for name in ("fit_error_before", "fit_error_after", "heldout_error_before", "heldout_error_after"):
