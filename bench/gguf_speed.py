@@ -89,6 +89,7 @@ def main() -> None:
             key = f"{name}_{summary.quant}"
             files[key] = summary.path
             exports[key] = summary.model_dump()
+            llamacpp.check_engine(summary.path)  # a build that crashes says so, instead of a segfault
 
     data_dir = resolve_data_dir(args.data_dir)
     ids = tokenize_text(loaded.tokenizer, wikitext2_text(data_dir, "test"))

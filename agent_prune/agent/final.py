@@ -115,13 +115,14 @@ class FinalReport:
         return result
 
     def llama_cpp_speed(self, dense: str, pruned: Path) -> dict | None:
-        """Dense vs pruned GGUF in llama.cpp (None, with a warning, without llama-cpp-python)."""
+        """Dense vs pruned GGUF in llama.cpp (None, with a warning, without llama-cpp-python or with
+        a build that cannot run the file)."""
         from agent_prune.data.corpora import tokenize_text, wikitext2_text
         from agent_prune.evaluation import llamacpp
 
         r = self.resources
         try:
-            llamacpp.require_llama_cpp()
+            llamacpp.check_engine(pruned)
         except InputError as exc:
             r.reporter.warn(f"no llama.cpp speed measurement: {exc.one_line()}")
             return None
