@@ -84,6 +84,9 @@ class Widths(BaseModel):
 class BaseInfo(BaseModel):
     """The model a manifest is relative to: replay checks it matches before cutting."""
 
+    # ``model_type`` is transformers' name; pydantic < 2.10 would warn that it starts with "model_"
+    model_config = ConfigDict(protected_namespaces=())
+
     model_type: str
     num_hidden_layers: int
     hidden_size: int

@@ -54,7 +54,9 @@ DEFINITIONS = {
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # protected_namespaces=(): fields named model_* (transformers' model_type) are meant; pydantic
+    # < 2.10 would warn on every import otherwise
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class ModuleStats(_Record):
