@@ -31,9 +31,9 @@ from torch import nn
 
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.streaming import calibration_batches, capture_layer_inputs, run_layer, tap
 from agent_prune.recovery.layout import Layout, layer_sources, mark_overridden
 from agent_prune.recovery.ridge import LeastSquaresCollector
-from agent_prune.recovery.streaming import batches, embed, layer_kwargs, run_layer, tap
 
 ATTN_OUT = "self_attn.o_proj"
 MLP_OUT = "mlp.down_proj"
@@ -99,9 +99,10 @@ def reconstruct(
             if index >= first_changed else []
             for index, (layer, source) in enumerate(zip(p_adapter.layers(), sources))]
     last = max((i for i, modules in enumerate(plan) if modules), default=-1)
-    kwargs = layer_kwargs(p_adapter, windows[0]) if last >= 0 else []
-    with torch.no_grad():  # nothing to refit (a depth cut): no walk at all
-        stream = embed(p_adapter, windows) if last >= 0 else None
+    stream, kwargs = None, []  # nothing to refit (a depth cut): no walk at all
+    if last >= 0:
+        inputs = capture_layer_inputs(p_adapter, windows, batch_size, windows.device)
+        stream, kwargs = inputs.hidden, inputs.kwargs
     parts = _parts(windows.shape[0], n_fit, batch_size)
     records, overrides = [], []
     for index, source in enumerate(sources):
@@ -167,8 +168,9 @@ def _modules_to_refit(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer,
 
 
 def _parts(count: int, n_fit: int, batch_size: int) -> list[tuple[slice, bool]]:
-    fit = [(s, True) for s in batches(n_fit, batch_size)]
-    held = [(slice(s.start + n_fit, s.stop + n_fit), False) for s in batches(count - n_fit, batch_size)]
+    fit = [(s, True) for s in calibration_batches(n_fit, batch_size)]
+    held = [(slice(s.start + n_fit, s.stop + n_fit), False)
+            for s in calibration_batches(count - n_fit, batch_size)]
     return fit + held
 
 

@@ -3,6 +3,7 @@
 Entry point: :func:`profile_model`. Record: :class:`SensitivityProfile` (JSON, schema-versioned).
 """
 
+from agent_prune.sensitivity.activations import ActivationStore
 from agent_prune.sensitivity.fingerprints import layer_fingerprint, model_fingerprint
 from agent_prune.sensitivity.profile import profile_model
 from agent_prune.sensitivity.schema import (
@@ -13,7 +14,6 @@ from agent_prune.sensitivity.schema import (
     Structures,
     SuperWeight,
 )
-from agent_prune.sensitivity.streaming import ActivationStore
 
 __all__ = [
     "ActivationStore",

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from agent_prune.models.adapters import FamilyAdapter
-from agent_prune.sensitivity.streaming import on_device, run_layer
+from agent_prune.models.streaming import on_device, run_layer
 
 DEFAULT_CHUNK_TOKENS = 64
 
@@ -69,20 +69,20 @@ def layer_backward(
     load_inputs: Callable[[slice], torch.Tensor],
     grad_output: torch.Tensor,
     batches: list[slice],
-    kwargs: list[dict],
+    kwargs: dict,
 ) -> torch.Tensor:
     """Accumulate ``dL/dW`` into ``weights[*].grad``; return ``dL/dx`` (written over ``grad_output``).
 
     ``load_inputs(batch)`` returns the layer's stored inputs for those samples (so only one batch
-    of them is in memory); ``kwargs[b]`` are the layer's keyword arguments for batch ``b``.
+    of them is in memory); ``kwargs`` are the layer's keyword arguments (the same for every batch).
     """
     for weight in weights:
         weight.requires_grad_(True)
     try:
-        for batch, layer_kwargs in zip(batches, kwargs):
+        for batch in batches:
             x = load_inputs(batch).detach().requires_grad_(True)
             with torch.enable_grad():
-                y = run_layer(layer, x, layer_kwargs)
+                y = run_layer(layer, x, kwargs)
                 torch.autograd.backward(y, grad_output[batch])
             grad_output[batch] = x.grad
             del x, y

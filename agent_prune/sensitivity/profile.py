@@ -25,8 +25,16 @@ from torch import nn
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
 from agent_prune.models.loading import resolve_device
+from agent_prune.models.streaming import (
+    LayerInputs,
+    capture_layer_inputs,
+    on_device,
+    release_memory,
+    run_layer,
+)
 from agent_prune.sensitivity import gradients as grad_pass
 from agent_prune.sensitivity import metrics
+from agent_prune.sensitivity.activations import ActivationStore, windows_digest
 from agent_prune.sensitivity.collectors import ChannelCollector, DepthCollector
 from agent_prune.sensitivity.fingerprints import layer_fingerprint, model_fingerprint, prefix_keys
 from agent_prune.sensitivity.layerstats import (
@@ -46,15 +54,6 @@ from agent_prune.sensitivity.schema import (
     SensitivityProfile,
     Structures,
     SuperWeight,
-)
-from agent_prune.sensitivity.streaming import (
-    ActivationStore,
-    LayerInputs,
-    capture_layer_inputs,
-    on_device,
-    release_memory,
-    run_layer,
-    windows_digest,
 )
 from agent_prune.sensitivity.superweights import SPIKE_MIN, SPIKE_RATIO, protect_super_weights, super_weights
 
@@ -166,8 +165,8 @@ def _inputs_of(
             acts.put(index, hidden, keys[index])
         layer = adapter.layers()[index]
         with on_device(layer, work):
-            for b, batch in enumerate(inputs.batches):
-                hidden[batch] = run_layer(layer, hidden[batch], inputs.kwargs[b][index])
+            for batch in inputs.batches:
+                hidden[batch] = run_layer(layer, hidden[batch], inputs.kwargs[index])
     return hidden
 
 
@@ -183,8 +182,8 @@ def _forward_layer(
         spikes = next(c for c in collectors.values() if isinstance(c, ChannelCollector))
         depth = DepthCollector()
         try:
-            for b, batch in enumerate(inputs.batches):
-                out = run_layer(layer, hidden[batch], inputs.kwargs[b][index])
+            for batch in inputs.batches:
+                out = run_layer(layer, hidden[batch], inputs.kwargs[index])
                 depth.add_batch(hidden[batch], out)
                 spikes.observe_layer(hidden[batch], out)
                 hidden[batch] = out
@@ -211,7 +210,7 @@ def _backward(
             weights = [m.weight for m in adapter.linear_modules(layer).values()]
             grad = grad_pass.layer_backward(
                 layer, weights, lambda rows, i=index: acts.get(i, work, rows), grad,
-                inputs.batches, [kw[index] for kw in inputs.kwargs],
+                inputs.batches, inputs.kwargs[index],
             )
             stats[index] = gradient_stats(adapter, layer)
             for weight in weights:

@@ -15,8 +15,8 @@ from torch import nn
 from agent_prune.actions import Manifest, apply_actions, dense_manifest
 from agent_prune.actions.presets import uniform_width_actions
 from agent_prune.models.adapters import adapter_for
+from agent_prune.models.streaming import capture_layer_inputs, run_layer
 from agent_prune.sensitivity.collectors import LinearCollector
-from agent_prune.sensitivity.streaming import capture_layer_inputs, run_layer
 from bench.compare.methods import shortgpt_actions, wanda_sp_scores
 
 
@@ -65,8 +65,8 @@ def prune_wanda_sp(model: nn.Module, windows: torch.Tensor, target: float, devic
         collectors = [LinearCollector(o_proj), LinearCollector(down)]
         handles = [c.module.register_forward_hook(c.hook) for c in collectors]
         try:
-            for b, batch in enumerate(inputs.batches):
-                run_layer(layer, hidden[batch], inputs.kwargs[b][index])
+            for batch in inputs.batches:
+                run_layer(layer, hidden[batch], inputs.kwargs[index])
         finally:
             for handle in handles:
                 handle.remove()
@@ -75,8 +75,8 @@ def prune_wanda_sp(model: nn.Module, windows: torch.Tensor, target: float, devic
                                  collectors[1].input_norm(), adapter.head_dim, widths.num_kv_heads)
         manifest = apply_actions(model, [action], manifest, scores={index: scores})
         layer = adapter.layers()[index]
-        for b, batch in enumerate(inputs.batches):
-            hidden[batch] = run_layer(layer, hidden[batch], inputs.kwargs[b][index])
+        for batch in inputs.batches:
+            hidden[batch] = run_layer(layer, hidden[batch], inputs.kwargs[index])
     return manifest, {"actions": [a.model_dump() for a in actions]}
 
 

@@ -1,0 +1,165 @@
+"""Run a decoder one layer at a time on calibration windows (the SparseGPT/Wanda streaming scheme).
+
+The one layer-streaming engine for every calibration pass (sensitivity profile, reconstruction,
+baselines). :func:`capture_layer_inputs` runs the backbone with every decoder layer swapped for a
+recorder that passes hidden states through unchanged: no layer runs, yet it yields the embeddings
+(inputs of layer 0) and the exact keyword arguments every layer receives (attention masks per layer
+type, position embeddings, position ids). The driver then feeds each layer's outputs to the next
+with :func:`run_layer`, holding activations for the current layer only. Weights can stay on the
+CPU: :func:`on_device` moves one module to the accelerator for as long as it runs. :func:`tap`
+records what one module inside a layer sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from agent_prune.models.adapters import FamilyAdapter
+
+
+@dataclass
+class LayerInputs:
+    """Inputs of layer 0 for all samples, and each layer's keyword arguments (for any batch)."""
+
+    hidden: torch.Tensor | None               # (samples, seqlen, hidden), on the work device
+    batches: list[slice]                      # sample ranges, one per calibration batch
+    kwargs: list[dict]                        # kwargs[layer]
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: nothing after the decoder layers needs to run."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for one decoder layer: records its keyword arguments, returns its input."""
+
+    def __init__(self, index: int, sink: dict[int, dict], first_inputs: list, last: bool):
+        super().__init__()
+        self.index, self.sink, self.first_inputs, self.last = index, sink, first_inputs, last
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to receive keyword arguments only")
+        self.sink[self.index] = kwargs
+        if self.index == 0:
+            self.first_inputs.append(hidden_states)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def calibration_batches(samples: int, batch_size: int) -> list[slice]:
+    return [slice(start, min(start + batch_size, samples)) for start in range(0, samples, batch_size)]
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    adapter: FamilyAdapter, windows: torch.Tensor, batch_size: int, device: torch.device
+) -> LayerInputs:
+    """Embeddings and per-layer kwargs for ``windows``, batch by batch, without running any layer.
+
+    The kwargs come from the first window alone: calibration windows carry no padding, so masks
+    and position embeddings are the same for every window and broadcast over any batch size (one
+    copy per layer instead of one per batch). Batches are written into one preallocated buffer, so
+    the embeddings never exist twice.
+    """
+    first, kwargs = _record(adapter, windows[:1], device)
+    hidden = first.new_empty((windows.shape[0], *first.shape[1:]))
+    batches = calibration_batches(windows.shape[0], batch_size)
+    for batch in batches:
+        hidden[batch] = _record(adapter, windows[batch], device)[0]
+    return LayerInputs(hidden, batches, kwargs)
+
+
+def _record(adapter: FamilyAdapter, ids: torch.Tensor, device: torch.device
+            ) -> tuple[torch.Tensor, list[dict]]:
+    """One backbone pass on ``ids`` with recorders for layers: layer 0's input, every layer's kwargs."""
+    layers = adapter.layers()
+    originals = list(layers)
+    sink: dict[int, dict] = {}
+    first: list[torch.Tensor] = []
+    try:
+        for i in range(len(originals)):
+            layers[i] = _Recorder(i, sink, first, last=i == len(originals) - 1)
+        with (
+            on_device(adapter.embed_tokens(), device),
+            on_device(adapter.rotary_embedding(), device),
+            contextlib.suppress(_StopForward),
+        ):
+            adapter.backbone()(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return first[0], [sink[i] for i in range(len(originals))]
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Run ``module`` on ``device``, then move it back to where it was (no-op when already there)."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    home = tensor.device if tensor is not None else device
+    if home != device:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if home != device:
+            module.to(home)
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer's output (transformers 5 returns a tensor; older versions a tuple)."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Tap:
+    """The input and output a module saw during the last call (set while inside ``tap``)."""
+
+    inputs: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None
+
+
+@contextlib.contextmanager
+def tap(module: nn.Module) -> Iterator[Tap]:
+    """Record ``module``'s (first) input and its output on every call inside the block."""
+    record = Tap()
+
+    def hook(_module, args, output):
+        record.inputs, record.outputs = args[0], output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed activation-sized blocks otherwise).
+
+    Buffers under glibc's dynamic mmap threshold (up to 32 MiB) live on the heap, and their pages
+    stay resident after ``free``; trimming after each layer keeps the process's RSS close to what
+    is actually in use. A no-op where ``malloc_trim`` does not exist.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
