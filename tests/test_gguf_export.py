@@ -141,3 +141,17 @@ def test_engine_check_passes_a_good_file_and_names_a_broken_one(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match=r"cannot run .*cut\.gguf"):
         check_engine(tmp_path / "cut.gguf")
+
+
+def test_a_gguf_input_passes_its_metadata_on_without_duplicate_keys(tmp_path, caplog):
+    """general.* comes from the input GGUF, except the keys the writer sets (no "Duplicated key")."""
+    dense = tiny_model("llama")
+    export_gguf(dense, tiny_merged_tokenizer(), tmp_path / "in.gguf", dense_manifest(dense), quant="F32")
+    model, manifest = pruned(MIXED)
+    with caplog.at_level("WARNING"):
+        export_gguf(model, tiny_merged_tokenizer(), tmp_path / "out.gguf", manifest, quant="Q8_0",
+                    reference=tmp_path / "in.gguf")
+    assert not [r for r in caplog.records if "Duplicated key" in r.getMessage()]
+    fields = gguf.GGUFReader(tmp_path / "out.gguf").fields
+    assert fields["general.architecture"].contents() == "deci"
+    assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)

@@ -205,10 +205,9 @@ def check_supported(config) -> None:
 def _add_metadata(writer: gguf.GGUFWriter, config, widths: list[Widths], ffn: list[int], head_dim: int,
                   reader: gguf.GGUFReader | None, manifest: Manifest, main: Q) -> None:
     if reader is not None:
-        copy_gguf_fields(writer, reader, "general.")
-        for key in OWN_GENERAL_KEYS:
-            writer.kv_data[0].pop(key, None)
-        writer.add_architecture()
+        # The writer sets the architecture itself, and the file type below: copying them would
+        # overwrite (and log a "Duplicated key" warning for) the writer's own.
+        copy_gguf_fields(writer, reader, "general.", skip=OWN_GENERAL_KEYS)
     rope = getattr(config, "rope_parameters", None) or {}
 
     def per_layer(values: list[int]) -> int | list[int]:

@@ -19,11 +19,13 @@ from agent_prune.errors import InputError
 HF_PRE_TOKENIZER = "default"
 
 
-def copy_gguf_fields(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, prefix: str) -> list[str]:
-    """Copy every metadata field of ``reader`` whose key starts with ``prefix``; returns the keys."""
+def copy_gguf_fields(writer: gguf.GGUFWriter, reader: gguf.GGUFReader, prefix: str,
+                     skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy every metadata field of ``reader`` whose key starts with ``prefix``, except ``skip``
+    (keys the writer sets itself); returns the keys copied."""
     copied = []
     for key, field in reader.fields.items():
-        if not key.startswith(prefix):
+        if not key.startswith(prefix) or key in skip:
             continue
         value_type = field.types[0]
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
