@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", default="bench/results/gguf", help="folder for the GGUF files")
+    parser.add_argument("--work", default="runs/gguf_speed",
+                        help="folder for the four GGUF files (about 450 MB; runs/ is not tracked)")
     parser.add_argument("--out", default="bench/results/gguf_speed.json")
     args = parser.parse_args()
     llamacpp.require_llama_cpp()  # the benchmark may not skip the engine
