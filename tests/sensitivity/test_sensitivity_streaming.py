@@ -45,7 +45,7 @@ def test_streaming_profile_equals_full_model_hooked_results(family):
     assert profile.calibration_loss == pytest.approx(loss, rel=1e-5)
     for i, layer in enumerate(adapter.layers()):
         entry = profile.layers[i]
-        cos = torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1)
+        cos = torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1).detach()
         assert entry.block_influence == pytest.approx(1 - float(cos.mean()), rel=1e-4, abs=1e-6)
         angular = (torch.arccos(cos[:, -1].clamp(-1, 1)) / math.pi).mean()
         assert entry.angular_distance == pytest.approx(float(angular), rel=1e-4, abs=1e-6)
