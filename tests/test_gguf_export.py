@@ -155,3 +155,22 @@ def test_a_gguf_input_passes_its_metadata_on_without_duplicate_keys(tmp_path, ca
     fields = gguf.GGUFReader(tmp_path / "out.gguf").fields
     assert fields["general.architecture"].contents() == "deci"
     assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
+def test_a_gguf_run_reports_llama_cpp_speed_of_dense_and_pruned(tmp_path):
+    """The run's final export as GGUF, measured in llama.cpp beside the dense GGUF of the same types."""
+    pytest.importorskip("llama_cpp")
+    from agent_prune.agent.session import start_run
+    from tests.agent.loop_fixtures import tiny_run_options
+
+    model_dir = tmp_path / "model"  # a tokenizer llama.cpp loads (tiny_run_options keeps this folder)
+    tiny_model("llama", num_hidden_layers=6).save_pretrained(model_dir)
+    tiny_merged_tokenizer().save_pretrained(model_dir)
+    summary = start_run(tiny_run_options(tmp_path, recovery="none", target_sparsity=0.1, export_format="gguf",
+                                         export_quant="Q8_0", final_eval={"windows": 0}))
+    speed = summary["final"]["llama_cpp_speed"]
+    assert speed is not None and "interleaved" in speed["protocol"]
+    for name in ("dense", "pruned"):
+        assert speed[name]["prompt_tokens_per_s"] > 0 and speed[name]["gen_tokens_per_s"] > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "llama.cpp prompt tokens/s" in report and "llama.cpp generation tokens/s" in report
