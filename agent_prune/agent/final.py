@@ -15,10 +15,6 @@ from agent_prune.errors import InputError
 from agent_prune.io import atomic_write_json, read_json
 
 
-def weight_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def layer_map(manifest: Manifest) -> list[dict]:
     """Per ORIGINAL layer: kept or removed, and the share of heads and MLP channels kept."""
     kept = {record.source: record for record in manifest.layers}
@@ -66,7 +62,7 @@ class FinalReport:
 
     def sizes(self, model: nn.Module, manifest: Manifest, export: dict) -> dict:
         """Dense vs pruned parameters and file size, the layer map, and the engines that load it."""
-        from agent_prune.models.accounting import count_parameters
+        from agent_prune.models.accounting import count_parameters, weight_bytes
         from agent_prune.models.formats import engines_that_load
 
         base = self.resources.base.model

@@ -63,10 +63,9 @@ def parse_actions_file(path: Path):
 
 def _sizes(model, base_prunable: int) -> dict:
     """Parameter counts (one definition: ``count_parameters``) and bytes of weights in memory."""
-    from agent_prune.models.accounting import count_parameters
+    from agent_prune.models.accounting import count_parameters, weight_bytes
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return count_parameters(model, base_prunable).summary() | {"weight_bytes": weight_bytes}
+    return count_parameters(model, base_prunable).summary() | {"weight_bytes": weight_bytes(model)}
 
 
 def run(args) -> int:

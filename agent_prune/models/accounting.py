@@ -45,6 +45,11 @@ def total_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters take in memory (what an fp32/bf16 weights file holds)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def prunable_weights(adapter: FamilyAdapter) -> list[nn.Parameter]:
     return [m.weight for layer in adapter.layers() for m in adapter.linear_modules(layer).values()]
 
