@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent_prune.actions import apply_actions, dense_manifest
-from agent_prune.agent.allocation import global_allocation
 from agent_prune.agent.candidates import mlp_channel_cost
 from agent_prune.data.corpora import c4_documents, calibration_windows
 from agent_prune.data.sources import resolve_data_dir
@@ -36,8 +35,7 @@ from agent_prune.models.loading import load_model
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
 from bench._shared import perplexity
-
-MAX_LAYER_CUT = 0.6
+from bench.compare.methods import channels_per_layer
 
 
 def parse_args(argv=None):
@@ -50,14 +48,6 @@ def parse_args(argv=None):
                                      "amp:global:refit", help="comma list of score:allocation:compensation")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
-
-
-def counts_per_layer(scores: list[list[float]], total: int, allocation: str) -> list[int]:
-    sizes = [len(s) for s in scores]
-    if allocation == "even":
-        base, extra = divmod(total, len(sizes))
-        return [base + (1 if i < extra else 0) for i in range(len(sizes))]
-    return global_allocation(scores, total, [int(MAX_LAYER_CUT * n) for n in sizes])
 
 
 def main(argv=None) -> int:
@@ -76,7 +66,7 @@ def main(argv=None) -> int:
     for score, allocation, compensation in rows:
         started = time.perf_counter()
         structures = profile.structure_scores(score)
-        counts = counts_per_layer([s["mlp_channels"] for s in structures], total, allocation)
+        counts = channels_per_layer([s["mlp_channels"] for s in structures], total, allocation)
         actions = [{"kind": "prune_width", "layer": i, "mlp_channels": c} for i, c in enumerate(counts) if c]
         model = copy.deepcopy(dense)
         manifest = apply_actions(model, actions, dense_manifest(model), scores=dict(enumerate(structures)))

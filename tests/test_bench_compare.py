@@ -9,13 +9,22 @@ import torch
 from agent_prune.actions import dense_manifest
 from bench.compare import report
 from bench.compare.__main__ import main
-from bench.compare.methods import layer_params, mop_width_actions, shortgpt_actions, wanda_sp_scores
+from bench.compare.methods import (
+    MAX_LAYER_CUT,
+    channels_per_layer,
+    layer_params,
+    mop_width_actions,
+    shortgpt_actions,
+    wanda_sp_scores,
+    width_actions,
+)
 from tests.conftest import save_tiny, tiny_model
 from tests.tiny_data import write_data_dir
 
 TARGET = 0.2
 # One-shot baselines without recovery here (the loops exercise reconstruction); the real run has both.
-ROWS = {"shortgpt/none/0.2", "wanda_sp/none/0.2", "mop/reconstruct/0.2", "agent:heuristic/reconstruct/0.2"}
+ROWS = {"shortgpt/none/0.2", "wanda_sp/none/0.2", "l2_global/none/0.2", "taylor_global/none/0.2",
+        "mop/reconstruct/0.2", "agent:heuristic/reconstruct/0.2"}
 
 
 @pytest.fixture
@@ -85,7 +94,8 @@ def test_every_method_runs_on_cuda(tmp_path, threads):
     """The whole comparison with ``--device cuda``, one-shot reconstruction included (GPU machines only)."""
     result = main(_tiny_argv(tmp_path, "--device", "cuda"))
 
-    recovered = {"shortgpt/reconstruct/0.2", "wanda_sp/reconstruct/0.2"}
+    recovered = {"shortgpt/reconstruct/0.2", "wanda_sp/reconstruct/0.2", "l2_global/reconstruct/0.2",
+                 "taylor_global/reconstruct/0.2"}
     assert set(result["rows"]) == ROWS | recovered
     assert result["machine"]["device"] == "cuda" and result["machine"]["gpu"]
     for rid, row in result["rows"].items():
@@ -123,3 +133,19 @@ def test_mop_width_spends_one_layer_and_drops_kv_groups_when_the_count_reaches_o
     actions, credit = mop_width_actions(manifest, budget, {source: 0.99 for source in range(4)})
     assert all(a.kv_groups == 1 for a in actions)
     assert all(0 <= value < 1 for value in credit.values())
+
+
+def test_one_shot_width_cuts_the_target_from_the_lowest_standardised_scores():
+    manifest = dense_manifest(tiny_model("llama", num_hidden_layers=4))
+    size = manifest.layers[0].widths().intermediate_size
+    # Layer 2's scores are flat (z = 0 everywhere) while the others have a clear tail of low channels.
+    tail = [float(i) for i in range(size)]
+    scores = [tail, tail, [1.0] * size, tail]
+    target = 0.1
+    actions = width_actions(scores, manifest, target)
+    removed = sum(a.mlp_channels for a in actions) * 3 * manifest.base.hidden_size
+    assert removed == pytest.approx(target * manifest.base.prunable_parameters, rel=0.05)
+    assert 2 not in {a.layer for a in actions}
+    assert channels_per_layer(scores, 10, "even") == [3, 3, 2, 2]
+    capped = channels_per_layer(scores, 4 * size, "global")
+    assert capped == [int(MAX_LAYER_CUT * size)] * 4

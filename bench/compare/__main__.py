@@ -4,9 +4,10 @@
         --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Prunes to each target (default 10/20/30% of prunable parameters) with ShortGPT, uniform Wanda-sp,
-the MoP fixed rule and agent-prune (heuristic planner; ``--llm-planner SPEC`` adds a row), each in
-its own worker process; then replays, exports, reloads and evaluates every result with one protocol,
-measures speed per target in one process, and writes the JSON, the doc section and the plot.
+the loop's L2 and Taylor width pruners once (global allocation), the MoP fixed rule and agent-prune
+(heuristic planner; ``--llm-planner SPEC`` adds a row), each in its own worker process; then
+replays, exports, reloads and evaluates every result with one protocol, measures speed per target
+in one process, and writes the JSON, the doc section and the plot.
 
 Resumable: finished pruning runs (state directories under ``--work``) and evaluated rows (in the
 JSON) are reused; rerunning the command after a crash redoes only what is missing.
@@ -29,9 +30,9 @@ from pathlib import Path
 from agent_prune.io import atomic_write_json, read_json
 from bench.compare import report
 from bench.compare.evaluate import Protocol
-from bench.compare.prune import Calibration
+from bench.compare.prune import ONE_SHOT, Calibration
 
-ONE_SHOT_METHODS = ("shortgpt", "wanda_sp")
+ONE_SHOT_METHODS = tuple(ONE_SHOT)
 ROOT = Path(__file__).resolve().parents[2]
 REACH = 0.02  # a loop step within 2 points of a target stands for it (the table shows its sparsity)
 
@@ -42,9 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="base model (.gguf, HF folder)")
     p.add_argument("--data-dir", required=True, help="local data directory (WikiText-2, C4, FreebaseQA, ARC)")
     p.add_argument("--targets", default="0.1,0.2,0.3", help="comma list of sparsity targets")
-    p.add_argument("--methods", default="shortgpt,wanda_sp,mop,agent", help="comma list of methods")
+    p.add_argument("--methods", default="shortgpt,wanda_sp,l2_global,taylor_global,mop,agent",
+                   help="comma list of methods")
     p.add_argument("--one-shot-recovery", default="none,reconstruct",
-                   help="recovery settings for ShortGPT and Wanda-sp (none, reconstruct)")
+                   help="recovery settings for the one-shot methods (none, reconstruct)")
     p.add_argument("--loop-recovery", default="reconstruct", choices=("none", "reconstruct"),
                    help="recovery after each step of MoP and agent-prune")
     p.add_argument("--planner", default="heuristic", help="agent-prune planner of the main agent row")
@@ -285,7 +287,8 @@ def plan_rows(args, targets: list[float], methods: list[str], work: Path) -> lis
             if args.llm_planner:
                 jobs.append(LoopJob("agent", args.loop_recovery, work, planner=args.llm_planner))
         else:
-            raise SystemExit(f"error: unknown method {method} (use shortgpt, wanda_sp, mop, agent)")
+            raise SystemExit(f"error: unknown method {method} (use {', '.join(ONE_SHOT_METHODS)}, "
+                             "mop, agent)")
     return jobs
 
 

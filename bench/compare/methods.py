@@ -14,6 +14,11 @@
   projected through ``o_proj`` / ``down_proj``) removing about one layer's parameters spread evenly
   over the layers; on GQA models a whole KV group goes from a layer when a running fractional count
   reaches one. The candidate closer to the dense model wins (see :mod:`bench.compare.mop`).
+- The loop's own width pruners as one-shot methods (issue 15): the sensitivity profile's structure
+  scores of MLP channels (``l2``: ||X_j||_2 * ||W_down[:, j]||_2; ``taylor``: |W * dL/dW| summed per
+  channel), the whole count ranked across layers after standardising each layer's scores (FLAP's
+  allocation, :func:`agent_prune.agent.allocation.global_allocation`), at most ``MAX_LAYER_CUT`` of a
+  layer; with ``reconstruct`` the loop's refit of each cut ``down_proj`` toward the dense MLP.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ import math
 import torch
 
 from agent_prune.actions import Manifest, PruneWidth, RemoveLayers
+from agent_prune.agent.allocation import global_allocation
+from agent_prune.agent.candidates import mlp_channel_cost
+
+MAX_LAYER_CUT = 0.6  # one-shot width: no layer loses more than this share of its MLP channels
 
 
 def layer_params(manifest: Manifest, layer: int) -> int:
@@ -85,3 +94,21 @@ def mop_width_actions(manifest: Manifest, budget: int, kv_credit: dict[int, floa
         actions.append(PruneWidth(layer=index, kv_groups=groups or None, mlp_channels=channels or None,
                                   force=True))
     return [a for a in actions if a.kv_groups or a.mlp_channels], credit
+
+
+def channels_per_layer(scores: list[list[float]], total: int, allocation: str) -> list[int]:
+    """How many of ``total`` MLP channels each layer gives up: ``even`` (the same count everywhere)
+    or ``global`` (standardised scores ranked across layers, capped at ``MAX_LAYER_CUT``)."""
+    sizes = [len(s) for s in scores]
+    if allocation == "even":
+        base, extra = divmod(total, len(sizes))
+        return [base + (1 if i < extra else 0) for i in range(len(sizes))]
+    return global_allocation(scores, total, [int(MAX_LAYER_CUT * n) for n in sizes])
+
+
+def width_actions(channel_scores: list[list[float]], manifest: Manifest, target: float,
+                  allocation: str = "global") -> list[PruneWidth]:
+    """MLP-channel cuts removing ``target`` of the prunable parameters, lowest scores first."""
+    total = round(target * manifest.base.prunable_parameters / mlp_channel_cost(manifest.base.hidden_size))
+    counts = channels_per_layer(channel_scores, total, allocation)
+    return [PruneWidth(layer=i, mlp_channels=c, force=True) for i, c in enumerate(counts) if c]

@@ -8,6 +8,7 @@ defaults) and, per row, one recovery setting: ``none`` or ``reconstruct``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from agent_prune.actions.presets import uniform_width_actions
 from agent_prune.models.adapters import adapter_for
 from agent_prune.models.streaming import capture_layer_inputs, run_layer
 from agent_prune.sensitivity.collectors import LinearCollector
-from bench.compare.methods import shortgpt_actions, wanda_sp_scores
+from bench.compare.methods import shortgpt_actions, wanda_sp_scores, width_actions
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,19 @@ def prune_wanda_sp(model: nn.Module, windows: torch.Tensor, target: float, devic
     return manifest, {"actions": [a.model_dump() for a in actions]}
 
 
+def prune_width_global(model: nn.Module, windows: torch.Tensor, target: float, device: str = "cpu",
+                       score: str = "l2") -> tuple[Manifest, dict]:
+    """The loop's width pruner once: profile scores, global allocation, MLP channels only."""
+    from agent_prune.sensitivity import profile_model
+
+    profile = profile_model(model, windows, gradients=score == "taylor", device=device)
+    structures = profile.structure_scores(score)
+    manifest = dense_manifest(model)
+    actions = width_actions([s["mlp_channels"] for s in structures], manifest, target)
+    manifest = apply_actions(model, actions, manifest, scores=dict(enumerate(structures)))
+    return manifest, {"actions": [a.model_dump() for a in actions]}
+
+
 def recover(model: nn.Module, dense: nn.Module, manifest: Manifest, windows: torch.Tensor,
             recovery: str) -> dict | None:
     """The agent loop's recovery (``CandidateBuilder.recover``), so every method gets the same one."""
@@ -93,4 +107,6 @@ def recover(model: nn.Module, dense: nn.Module, manifest: Manifest, windows: tor
     return {"method": "reconstruct", "seconds": round(report.seconds, 2), "modules": len(report.overrides)}
 
 
-ONE_SHOT = {"shortgpt": prune_shortgpt, "wanda_sp": prune_wanda_sp}
+ONE_SHOT = {"shortgpt": prune_shortgpt, "wanda_sp": prune_wanda_sp,
+            "l2_global": prune_width_global,
+            "taylor_global": partial(prune_width_global, score="taylor")}

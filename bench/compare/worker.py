@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--target", required=True, type=float)
-    parser.add_argument("--method", choices=("shortgpt", "wanda_sp"))
+    parser.add_argument("--method", choices=("shortgpt", "wanda_sp", "l2_global", "taylor_global"))
     parser.add_argument("--recovery", choices=("none", "reconstruct"), default="reconstruct")
     parser.add_argument("--planner", default="heuristic")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
