@@ -50,6 +50,23 @@ def test_replay_reproduces_pruned_model_bit_for_bit(family):
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
 
 
+def test_replay_builds_an_independent_model_that_runs_like_the_pruned_one(family):
+    """Replay copies layer by layer (never a second whole model); the parts must still form one model."""
+    model = tiny_model(family)
+    manifest = apply_actions(model, SEQUENCE, dense_manifest(model))
+    base = tiny_model(family)
+    rebuilt = replay(base, manifest, side_tensors(model, manifest))
+    base_storage = {p.data_ptr() for p in base.parameters()}
+    assert not any(p.data_ptr() in base_storage for p in rebuilt.parameters())
+    layers = adapter_for(rebuilt).layers()
+    assert len(adapter_for(base).layers()) == base.config.num_hidden_layers == 4
+    assert all(adapter_for(rebuilt).attention(layer).config is rebuilt.config for layer in layers)
+    assert [adapter_for(rebuilt).attention(layer).layer_idx for layer in layers] == [0, 1, 2]
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_replay_restores_overridden_weights_and_biases():
     model, manifest = pruned_with_refit()
     tensors = side_tensors(model, manifest)

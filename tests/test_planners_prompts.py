@@ -105,6 +105,26 @@ def test_parse_proposal_reports_schema_and_context_problems():
     assert parse_proposal({"rationale": "x", "width": {"layers": []}}, context).width.mlp_share == 1.0
 
 
+def test_a_layer_named_twice_counts_once():
+    """Small planner models loop on a number; a repeat means the layer once (its shares summed)."""
+    context = example_context(num_layers=12)
+    reply = {"rationale": "x", "depth": {"layers": [9, 9]},
+             "width": {"layers": [4, 5, 4, 6, 6, 6], "mlp_share": 1.0}}
+    proposal = parse_proposal(reply, context)
+    assert proposal.depth.layers == [9] and proposal.width.layers == [4, 5, 6]
+    assert proposal.width.mlp_shares is None
+    shares = {"layers": [4, 5, 4, 6], "mlp_share": 1.0, "mlp_shares": [1.0, 2.0, 0.5, 1.0]}
+    width = parse_proposal({"rationale": "x", "width": shares}, context).width
+    assert width.layers == [4, 5, 6] and width.mlp_shares == [1.5, 2.0, 1.0]
+    # Too few layers once the repeats are merged is still refused, with the budget's reason.
+    with pytest.raises(ReplyProblem, match=r"width.layers \[5\] can give only"):
+        parse_proposal({"rationale": "x", "width": {"layers": [5, 5, 5], "mlp_share": 1.0}}, context)
+    # A share list that does not match the layers as written is refused as written.
+    mismatch = {"layers": [4, 4, 5], "mlp_share": 1.0, "mlp_shares": [1.0, 1.0]}
+    with pytest.raises(ReplyProblem, match=r"mlp_shares has 2 entries; give one per entry of width\.layers"):
+        parse_proposal({"rationale": "x", "width": mismatch}, context)
+
+
 def test_wire_schema_is_strict_friendly():
     """OpenAI strict mode wants every property required and no defaults."""
     for model in (ProposalReply, ReflectionReply):

@@ -12,7 +12,6 @@ Index lists serialise to compact range strings ("0-511,513-1535") so manifests s
 
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Any
 
 import torch
@@ -287,13 +286,12 @@ def replay(base_model: nn.Module, manifest: Manifest, tensors: dict[str, torch.T
     Structure comes from the manifest; masks and overridden values from ``tensors`` (see
     :func:`side_tensors`). The result equals the pruned model bit for bit.
     """
-    from agent_prune.actions.surgery import restructure
+    from agent_prune.actions.surgery import restructured_copy
 
     check_base_matches(base_model, manifest)
     tensors = tensors or {}
-    model = copy.deepcopy(base_model)
+    model = restructured_copy(base_model, dense_manifest(base_model).layers, manifest.layers)
     adapter = adapter_for(model)
-    restructure(adapter, dense_manifest(base_model).layers, manifest.layers)
     side = list(_side_params(adapter, manifest))
     if missing := [key for key, _, _ in side if key not in tensors]:
         raise InputError(f"replay needs side tensors the caller did not pass: {', '.join(missing[:3])}"

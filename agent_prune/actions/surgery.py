@@ -11,13 +11,14 @@ indices into positions, so incremental pruning and replay run the same code.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from agent_prune.actions.manifest import LayerRecord
-from agent_prune.models.adapters import FamilyAdapter
+from agent_prune.models.adapters import FamilyAdapter, adapter_for
 
 
 def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
@@ -96,14 +97,47 @@ def restructure_layer(adapter: FamilyAdapter, layer: nn.Module, old: LayerRecord
 
 def restructure(adapter: FamilyAdapter, old: list[LayerRecord], new: list[LayerRecord]) -> None:
     """Turn a model shaped like records ``old`` into one shaped like ``new`` (a subset of it)."""
+    keep = _kept_positions(old, new)
+    for position, record in zip(keep, new):
+        restructure_layer(adapter, adapter.layers()[position], old[position], record)
+    _finish(adapter, keep, len(old))
+
+
+def restructured_copy(model: nn.Module, old: list[LayerRecord], new: list[LayerRecord]) -> nn.Module:
+    """A copy of ``model`` (shaped like ``old``, left untouched) cut down to ``new``.
+
+    Equals ``restructure`` on ``copy.deepcopy(model)`` but copies one decoder layer at a time and cuts
+    it before copying the next, and never copies removed layers: the transient is one layer, not a
+    second whole model. One deepcopy memo serves every part, so the parts share one config as a
+    whole-model deepcopy would.
+    """
+    keep = _kept_positions(old, new)
+    layers = adapter_for(model).layers()
+    copied = nn.ModuleList()
+    memo = {id(layers): copied}  # the copy gets an empty layer list, filled below
+    result = copy.deepcopy(model, memo)
+    adapter = adapter_for(result)
+    kept = dict(zip(keep, new))
+    for position, layer in enumerate(layers):
+        if position not in kept:
+            copied.append(nn.Identity())  # dropped by _finish; never copied
+            continue
+        layer_copy = copy.deepcopy(layer, memo)
+        restructure_layer(adapter, layer_copy, old[position], kept[position])
+        copied.append(layer_copy)
+    _finish(adapter, keep, len(old))
+    return result
+
+
+def _kept_positions(old: list[LayerRecord], new: list[LayerRecord]) -> list[int]:
     positions = {record.source: i for i, record in enumerate(old)}
-    keep = []
-    for record in new:
-        if record.source not in positions:
-            raise ValueError(f"original layer {record.source} is not in the model any more")
-        keep.append(positions[record.source])
-        restructure_layer(adapter, adapter.layers()[keep[-1]], old[keep[-1]], record)
-    if keep != list(range(len(old))):
+    if missing := [record.source for record in new if record.source not in positions]:
+        raise ValueError(f"original layer {missing[0]} is not in the model any more")
+    return [positions[record.source] for record in new]
+
+
+def _finish(adapter: FamilyAdapter, keep: list[int], count: int) -> None:
+    if keep != list(range(count)):
         adapter.keep_layers(keep)
     sync_config_widths(adapter)
 

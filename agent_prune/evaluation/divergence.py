@@ -46,10 +46,14 @@ def window_kl(
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         for row in range(batch.shape[0]):
-            model_logp = F.log_softmax(logits[row].float(), dim=-1)
-            ref_logp = F.log_softmax(reference[start + row].to(device).float(), dim=-1)
-            kl = (ref_logp.exp() * (ref_logp - model_logp)).sum(-1).mean()
+            # exp(ref) * (ref - model), with two [seqlen, vocab] temporaries instead of five
+            # (about 0.3 GB less at 512 x 49k); the same operations, so the same bits.
+            gap = F.log_softmax(reference[start + row].to(device).float(), dim=-1)
+            ref_p = gap.exp()
+            gap.sub_(F.log_softmax(logits[row].float(), dim=-1))
+            kl = gap.mul_(ref_p).sum(-1).mean()
             values.append(kl.double().cpu())
+            del gap, ref_p
         del logits
         if advance is not None:
             advance(batch.shape[0])

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--llm-planner", help="an extra agent-prune row with this planner "
                                          "(openai:MODEL@URL or hf:PATH)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (evaluation and calibration)")
-    p.add_argument("--calib-samples", type=int, default=16,
+    p.add_argument("--calib-samples", type=int, default=32,
                    help="C4 calibration windows for every method (the agent loop's default)")
     p.add_argument("--agent-option", action="append", default=[], metavar="KEY=JSON",
                    help="extra agent-prune RunOptions field, e.g. eval_windows=4 (repeatable)")
@@ -99,6 +99,9 @@ def main(argv=None) -> dict:
     if not args.cached_evals_only:
         prune_and_evaluate_one_shots(args, result, jobs, targets, work, protocol, out)
     rows = {row["id"]: row for job in jobs for row in job.rows(targets)}
+    for rid in [rid for rid, row in result["rows"].items() if row["method"] in methods
+                and row["target"] in targets and rid not in rows]:
+        del result["rows"][rid]  # an earlier invocation's row this one no longer produces (unreached)
     result["unreached"] = [f"{job.dir.name} at {t:g}" for job in jobs if isinstance(job, LoopJob)
                            for t in targets if not any(r["target"] == t for r in job.rows([t]))]
     evaluate_all(args, result, rows, work, protocol, out)
@@ -181,15 +184,21 @@ class OneShotJob:
 
 
 class LoopJob:
-    """MoP or agent-prune: one run to the largest target; each target takes its nearest step."""
+    """MoP or agent-prune: one run; each of its targets takes the run's nearest step.
 
-    def __init__(self, method: str, recovery: str, work: Path, planner: str | None = None):
-        self.method, self.recovery, self.planner = method, recovery, planner
+    MoP's fixed rule takes the same steps whatever the target, so one run to the largest target
+    serves them all. agent-prune's planner sizes its steps from the target, so each target gets its
+    own run (``target``), the one a user would start with ``--target-sparsity``.
+    """
+
+    def __init__(self, method: str, recovery: str, work: Path, planner: str | None = None,
+                 target: float | None = None):
+        self.method, self.recovery, self.planner, self.target = method, recovery, planner, target
         slug = "" if planner is None else "-" + "".join(c if c.isalnum() else "_" for c in planner)[:40]
-        self.dir = work / f"{method}{slug}-{recovery}"
+        self.dir = work / f"{method}{slug}-{recovery}{'' if target is None else f'-{target:g}'}"
 
     def tasks(self, args) -> list:
-        target = max(float(t) for t in args.targets.split(","))
+        target = self.target if self.target is not None else max(float(t) for t in args.targets.split(","))
         if args.partial_loops:
             return []
         if _running(self.dir):
@@ -230,7 +239,7 @@ class LoopJob:
         run_seconds = sum(c.get("seconds", 0.0) for c in invocations)
         status = "still running" if live else f"whole run {run_seconds / 60:.0f} min wall"
         rows = []
-        for target in targets:
+        for target in targets if self.target is None else [t for t in targets if t == self.target]:
             step = nearest_step(steps, target) if steps else None
             if step is None or abs(step["sparsity"] - target) > REACH:
                 continue  # the run has not (yet) reached this target: no row
@@ -283,9 +292,9 @@ def plan_rows(args, targets: list[float], methods: list[str], work: Path) -> lis
         elif method == "mop":
             jobs.append(LoopJob("mop", args.loop_recovery, work))
         elif method == "agent":
-            jobs.append(LoopJob("agent", args.loop_recovery, work, planner=args.planner))
-            if args.llm_planner:
-                jobs.append(LoopJob("agent", args.loop_recovery, work, planner=args.llm_planner))
+            planners = [args.planner, *([args.llm_planner] if args.llm_planner else [])]
+            jobs += [LoopJob("agent", args.loop_recovery, work, planner=planner, target=target)
+                     for planner in planners for target in targets]
         else:
             raise SystemExit(f"error: unknown method {method} (use {', '.join(ONE_SHOT_METHODS)}, "
                              "mop, agent)")
