@@ -105,8 +105,10 @@ class LoopEvaluator:
 
     @property
     def _window_batch(self) -> int:
-        # Full-length windows make [batch, seqlen, vocab] logits; 4 keeps that near 400 MB at 512 x 49k.
-        return min(self.batch_size, 4)
+        # One full-length window at a time: [seqlen, vocab] logits are 100 MB at 512 x 49k, a batch of
+        # 4 held 400 MB more at the run's peak. On CPU the logits are the same bits either way
+        # (checked on the shared model, 1 and 2 threads), and batching bought no speed there.
+        return 1
 
     def score(self, model) -> SignalRecord:
         started = time.perf_counter()

@@ -13,7 +13,6 @@ records what one module inside a layer sees.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -141,25 +140,3 @@ def tap(module: nn.Module) -> Iterator[Tap]:
         yield record
     finally:
         handle.remove()
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps freed activation-sized blocks otherwise).
-
-    Buffers under glibc's dynamic mmap threshold (up to 32 MiB) live on the heap, and their pages
-    stay resident after ``free``; trimming after each layer keeps the process's RSS close to what
-    is actually in use. A no-op where ``malloc_trim`` does not exist.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from agent_prune.errors import InputError
+from agent_prune.heap import release_memory
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
 from agent_prune.models.loading import resolve_device
 from agent_prune.models.streaming import (
     LayerInputs,
     capture_layer_inputs,
     on_device,
-    release_memory,
     run_layer,
 )
 from agent_prune.sensitivity import gradients as grad_pass
