@@ -40,12 +40,12 @@ class CandidateBuilder:
         from agent_prune.actions import apply_actions
         from agent_prune.agent.decisions import describe_actions
         from agent_prune.models.accounting import count_parameters
-        from agent_prune.sensitivity.schema import SensitivityProfile
+        from agent_prune.sensitivity.schema import STRUCTURE_FIELDS, SensitivityProfile
 
         candidate = copy.deepcopy(model)
         parsed = SensitivityProfile.model_validate(profile)
-        if pruner == "taylor" and parsed.layers[0].structures_taylor is None:
-            pruner = "l2"  # a run profiled without gradients has no Taylor scores; the record says so
+        if getattr(parsed.layers[0], STRUCTURE_FIELDS[pruner]) is None:
+            pruner = "l2"  # e.g. taylor from a profile without gradients; the record says so
         scores = dict(enumerate(parsed.structure_scores(pruner)))
         new_manifest = apply_actions(candidate, actions, manifest, scores=scores,
                                      protected=profile.get("protected", []))

@@ -122,6 +122,7 @@ class LoopNodes:
             step_budget_fraction=budget / state["dense"]["prunable"], branches=ctx.options.branches,
             layers=rows, history=history, reflections=state["reflections"][-5:],
             rejected_layers=state["rejected_layers"], hidden_size=ctx.hidden_size, head_dim=ctx.head_dim,
+            pruners=profiling.available_pruners(profile),
         )
 
     def suggested_cuts(self, profile: dict, budget: int) -> list[int]:

@@ -93,6 +93,9 @@ class RunOptions(BaseModel):
         False, description="gradient and Taylor metrics in each step's profile (the taylor pruner needs "
                            "them); off by default: the default pruner and the heuristic read forward "
                            "metrics only, and the backward pass doubles the profile's cost")
+    profile_hessians: bool = Field(
+        False, description="input Gram matrices of o_proj/down_proj in each step's profile (the obs "
+                           "pruner's structured OBS scores need them; a few seconds a layer on CPU)")
     calib_samples: int = Field(32, ge=1, description="C4 windows of seqlen tokens for the profile and "
                                                        "the reconstruction of each candidate")
     width_multiple: int = Field(1, ge=1, description="every thinned layer keeps a multiple of this many "

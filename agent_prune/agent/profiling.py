@@ -26,8 +26,19 @@ def profile_state(resources: RunResources, model: nn.Module, manifest) -> dict:
         model, resources.calibration, device=options.device, progress=progress,
         layer_sources=[record.source for record in manifest.layers], dataset="c4",
         seed=options.seed, model_name=options.model, gradients=options.profile_gradients,
+        hessians=options.profile_hessians,
     )
     return result.model_dump(mode="json")
+
+
+def available_pruners(profile: dict) -> list[str]:
+    """The width pruners whose structure scores ``profile`` holds (taylor needs gradients, obs
+    hessians)."""
+    from agent_prune.agent.proposal import PRUNERS
+    from agent_prune.sensitivity.schema import STRUCTURE_FIELDS
+
+    first = profile["layers"][0]
+    return [name for name in PRUNERS if first.get(STRUCTURE_FIELDS[name]) is not None]
 
 
 def profile_rows(profile: dict) -> list[dict]:

@@ -54,6 +54,8 @@ class PlannerContext(BaseModel):
     rejected_layers: list[int] = Field(default_factory=list)  # tried and rolled back this round
     hidden_size: int | None = None  # lets planners check a width proposal against the step budget
     head_dim: int | None = None
+    pruners: list[str] = Field(default_factory=lambda: list(DEFAULT_PRUNERS),
+                               description="the width pruners whose scores this step's profile holds")
 
     def layer(self, index: int) -> LayerRow:
         return self.layers[index]
@@ -72,13 +74,19 @@ class DepthProposal(BaseModel):
         return list(dict.fromkeys(value))
 
 
-Pruner = Literal["l2", "amp", "taylor"]
+Pruner = Literal["l2", "amp", "fluctuation", "obs", "taylor"]
 PRUNERS: dict[str, str] = {
     "l2": "||X_j||_2 * ||W_out[:, j]||_2 (Wanda-sp with L2 norms): the size of what a channel or head "
           "writes to the residual stream; the default",
     "amp": "mean over tokens of |X_j| * ||W_out[:, j]||_1 (AMP, the MoP width pruner)",
+    "fluctuation": "Var(X_j) * ||W_out[:, j]||_2^2 (FLAP): what varies from token to token; the removed "
+                   "channels' mean output is kept as a bias",
+    "obs": "the output error left after refitting the kept channels (structured OBS, from the input "
+           "Hessian); needs hessians in the profile",
     "taylor": "|W * dL/dW| summed over the weights a structure owns (LLM-Pruner); needs gradients",
 }
+# what a profile without gradients or hessians offers
+DEFAULT_PRUNERS = ["l2", "amp", "fluctuation"]
 
 
 class WidthProposal(BaseModel):
@@ -165,6 +173,9 @@ def validate_proposal(proposal: Proposal, context: PlannerContext) -> list[str]:
         bad = [i for i in proposal.width.layers if not 0 <= i < n]
         if bad:
             problems.append(f"width.layers {bad} do not exist (valid: 0..{n - 1})")
+        if proposal.width.pruner not in context.pruners:
+            problems.append(f"width.pruner '{proposal.width.pruner}' has no scores in this run's "
+                            f"profile; use one of {', '.join(context.pruners)}")
         shares = proposal.width.mlp_shares
         if shares is not None and (len(shares) != len(proposal.width.layers) or not proposal.width.layers):
             problems.append(f"width.mlp_shares has {len(shares)} entries; give one per entry of "

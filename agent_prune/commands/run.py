@@ -27,8 +27,8 @@ FLAG_FIELDS = (
     "model", "out", "target_sparsity", "planner", "planner_base_url", "planner_timeout",
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
     "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
-    "data_dir", "device", "dtype", "profile_gradients", "export_format", "export_quant", "width_multiple",
-    "uniform_width",
+    "data_dir", "device", "dtype", "profile_gradients", "profile_hessians", "export_format", "export_quant",
+    "width_multiple", "uniform_width",
 )
 GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
               "min_probe_accuracy_ratio": float}
@@ -81,6 +81,9 @@ def add_run_args(parser) -> None:
     parser.add_argument("--profile-gradients", action="store_true", default=None,
                         help="add gradient and Taylor metrics to each step's profile (the taylor "
                              "pruner needs them; doubles the profile's cost)")
+    parser.add_argument("--profile-hessians", action="store_true", default=None,
+                        help="add structured OBS scores to each step's profile (the obs pruner "
+                             "needs them; a few seconds a layer on CPU)")
     parser.add_argument("--width-multiple", type=int, metavar="N",
                         help="every thinned layer keeps a multiple of N MLP channels (e.g. 64)")
     parser.add_argument("--uniform-width", action="store_true", default=None,

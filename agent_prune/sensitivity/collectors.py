@@ -25,18 +25,32 @@ class LinearCollector:
     collector that is hooked as ``shares_input_with`` and do not hook this one.
     """
 
-    def __init__(self, module: nn.Linear, shares_input_with: LinearCollector | None = None):
+    def __init__(self, module: nn.Linear, shares_input_with: LinearCollector | None = None,
+                 moments: bool = False, hessian: bool = False):
         self.module = module
         self.source = shares_input_with
-        self.sum_squares = torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
+        device, width = module.weight.device, module.in_features
+        self.sum_squares = torch.zeros(width, dtype=torch.float64, device=device)
+        # Output projections also keep per-channel sums (means, for fluctuation scores and bias
+        # compensation) and, when OBS scores are wanted, the input Gram matrix X^T X.
+        self.sums = torch.zeros(width, dtype=torch.float64, device=device) if moments else None
+        self.xtx = torch.zeros(width, width, dtype=torch.float64, device=device) if hessian else None
         self.samples = 0
         self.tokens = 0
 
     def add_batch(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
         flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
         self.sum_squares += flat.pow(2).sum(dim=0).double()
+        if self.sums is not None:
+            self.sums += flat.sum(dim=0).double()
+        if self.xtx is not None:
+            self.xtx += (flat.T @ flat).double()  # one batch in float32, the running sum in float64
         self.samples += inputs.shape[0] if inputs.dim() > 2 else 1
         self.tokens += flat.shape[0]
+
+    def input_mean(self) -> torch.Tensor:
+        """Mean over calibration tokens of each input channel (needs ``moments``)."""
+        return (self.sums / max(self.tokens, 1)).float()
 
     def input_norm(self) -> torch.Tensor:
         if self.source is not None:
@@ -49,6 +63,7 @@ class LinearCollector:
 
     def free(self) -> None:
         self.sum_squares = torch.empty(0)
+        self.sums = self.xtx = None
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.add_batch(args[0], output)
@@ -57,8 +72,8 @@ class LinearCollector:
 class HeadCollector(LinearCollector):
     """For ``o_proj``: also the AMP head importance, mean over tokens of ``||W_o[:, h] z_h||_1``."""
 
-    def __init__(self, module: nn.Linear, head_dim: int):
-        super().__init__(module)
+    def __init__(self, module: nn.Linear, head_dim: int, hessian: bool = False):
+        super().__init__(module, moments=True, hessian=hessian)
         self.head_dim = head_dim
         heads = module.in_features // head_dim
         self.head_l1 = torch.zeros(heads, dtype=torch.float64, device=module.weight.device)
@@ -102,8 +117,8 @@ class ChannelCollector(LinearCollector):
     cancels an existing one (late layers do this; zeroing such a weight changes little).
     """
 
-    def __init__(self, module: nn.Linear):
-        super().__init__(module)
+    def __init__(self, module: nn.Linear, hessian: bool = False):
+        super().__init__(module, moments=True, hessian=hessian)
         device = module.weight.device
         self.abs_sum = torch.zeros(module.in_features, dtype=torch.float64, device=device)
         self.out_max = torch.zeros(module.out_features, device=device)

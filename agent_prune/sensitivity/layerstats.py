@@ -38,6 +38,9 @@ class ForwardStats:
     modules: dict[str, dict]
     structures: dict[str, list[float]]
     structures_l2: dict[str, list[float]]
+    structures_fluctuation: dict[str, list[float]]
+    input_means: dict[str, list[float]]
+    structures_obs: dict[str, list[float]] | None = None
     spikes: list[SpikeCandidate] = field(default_factory=list)
     peak_ratio: float = 0.0
 
@@ -50,8 +53,10 @@ class GradientStats:
     structures: dict[str, list[float]]
 
 
-def attach_collectors(adapter: FamilyAdapter, layer: nn.Module) -> tuple[dict[str, LinearCollector], list]:
-    """A collector per linear module of ``layer``; o_proj and down_proj get the structural ones.
+def attach_collectors(adapter: FamilyAdapter, layer: nn.Module,
+                      hessian: bool = False) -> tuple[dict[str, LinearCollector], list]:
+    """A collector per linear module of ``layer``; o_proj and down_proj get the structural ones
+    (with their input Gram matrices when ``hessian``, for OBS scores).
 
     q/k/v read the attention input and gate/up the MLP input, so k, v and up share the input
     statistics of q and gate instead of accumulating the same sums again.
@@ -63,10 +68,10 @@ def attach_collectors(adapter: FamilyAdapter, layer: nn.Module) -> tuple[dict[st
         attention["q_proj"]: q,
         attention["k_proj"]: LinearCollector(attention["k_proj"], shares_input_with=q),
         attention["v_proj"]: LinearCollector(attention["v_proj"], shares_input_with=q),
-        attention["o_proj"]: HeadCollector(attention["o_proj"], adapter.head_dim),
+        attention["o_proj"]: HeadCollector(attention["o_proj"], adapter.head_dim, hessian=hessian),
         mlp["gate_proj"]: gate,
         mlp["up_proj"]: LinearCollector(mlp["up_proj"], shares_input_with=gate),
-        mlp["down_proj"]: ChannelCollector(mlp["down_proj"]),
+        mlp["down_proj"]: ChannelCollector(mlp["down_proj"], hessian=hessian),
     }
     collectors = {name: by_module[module] for name, module in adapter.linear_modules(layer).items()}
     handles = [
@@ -125,9 +130,40 @@ def forward_stats(
             metrics.column_l2_scores(channel_collector.sum_squares, channel_collector.module.weight),
             heads_collector.sum_squares, heads_collector.module.weight, widths.num_kv_heads,
             adapter.head_dim).items()},
+        structures_fluctuation=_fluctuation_structures(heads_collector, channel_collector, widths,
+                                                       adapter.head_dim),
+        structures_obs=_obs_structures(heads_collector, channel_collector, widths, adapter.head_dim),
+        input_means={"o_proj": heads_collector.input_mean().tolist(),
+                     "down_proj": channel_collector.input_mean().tolist()},
         spikes=channel_collector.spikes(spike_ratio, spike_min),
         peak_ratio=channel_collector.peak_ratio(),
     )
+
+
+def _fluctuation_structures(heads: HeadCollector, channels: ChannelCollector, widths,
+                            head_dim: int) -> dict[str, list[float]]:
+    def columns(collector: LinearCollector) -> torch.Tensor:
+        return metrics.column_fluctuation_scores(collector.sums, collector.sum_squares, collector.tokens,
+                                                 collector.module.weight)
+
+    scores = metrics.structures_from_columns(columns(channels), columns(heads), widths.num_kv_heads, head_dim)
+    return {k: v.tolist() for k, v in scores.items()}
+
+
+def _obs_structures(heads: HeadCollector, channels: ChannelCollector, widths,
+                    head_dim: int) -> dict[str, list[float]] | None:
+    """OBS saliencies: one per MLP channel, per head (its ``head_dim`` o_proj columns) and per KV group
+    (its heads' columns together); None when the Gram matrices were not collected."""
+    if heads.xtx is None or channels.xtx is None:
+        return None
+    damping = metrics.OBS_DAMPING
+    o_weight = heads.module.weight
+    return {
+        "kv_groups": metrics.obs_group_scores(heads.xtx, o_weight, head_dim * widths.heads_per_group,
+                                              damping).tolist(),
+        "heads": metrics.obs_group_scores(heads.xtx, o_weight, head_dim, damping).tolist(),
+        "mlp_channels": metrics.obs_group_scores(channels.xtx, channels.module.weight, 1, damping).tolist(),
+    }
 
 
 def gradient_stats(adapter: FamilyAdapter, layer: nn.Module) -> GradientStats:

@@ -11,6 +11,12 @@ streaming driver decide what to feed in. Formulas and sources:
   averaged over calibration tokens. A KV group's score is the sum over the query heads it serves.
 - First-order Taylor (LLM-Pruner, arXiv 2305.11627): ``|W * dL/dW|`` per weight, summed over the
   weights a structure owns.
+- Fluctuation (FLAP, An et al., arXiv 2312.11983): ``Var_tokens(x_j) * ||W[:, j]||_2^2``, how much
+  of an input channel's contribution to the output varies from token to token (its mean part can be
+  kept as a bias when the channel goes).
+- Structured OBS (ZipLM, arXiv 2302.04089; SlimGPT, arXiv 2412.18110): removing input columns ``S``
+  of a linear and refitting the rest on the same inputs raises the squared output error by
+  ``tr(W_S [H^-1]_SS^-1 W_S^T)``, ``H = X^T X`` with per-feature damping.
 - Block Influence (ShortGPT, arXiv 2403.03853): ``1 - E_tokens[cos(x_in, x_out)]``.
 - Angular distance (Gromov et al., arXiv 2403.17887): ``arccos(cos(x_in, x_out)) / pi`` of the
   last token, averaged over samples (one block, n = 1).
@@ -24,6 +30,10 @@ import numpy as np
 import torch
 
 EPS = 1e-8
+# Damping of the OBS scores, relative to each feature's own H_jj (as the refit's ridge); chosen by
+# measurement (docs/benchmarks.md, "Width pruners"): lower values trust the calibration set's
+# correlations more and picked worse channels on held-out text.
+OBS_DAMPING = 1.0
 
 
 # ---- Wanda -------------------------------------------------------------------------------------
@@ -88,6 +98,46 @@ def l2_structures(channel_scores: torch.Tensor, o_sum_squares: torch.Tensor, o_w
     root of the summed squares of its ``o_proj`` columns' scores; a KV group sums its heads."""
     heads = column_l2_scores(o_sum_squares, o_weight).pow(2).reshape(-1, head_dim).sum(dim=1).sqrt()
     return {"kv_groups": kv_group_scores(heads, num_kv_heads), "heads": heads, "mlp_channels": channel_scores}
+
+
+def column_fluctuation_scores(sums: torch.Tensor, sum_squares: torch.Tensor, tokens: int,
+                              weight: torch.Tensor) -> torch.Tensor:
+    """Per input column ``j``, ``Var_tokens(x_j) * ||W[:, j]||_2^2`` (FLAP's fluctuation metric)."""
+    n = max(tokens, 1)
+    variance = (sum_squares.double() / n - (sums.double() / n) ** 2).clamp_min(0.0)
+    return (variance * weight.detach().double().pow(2).sum(dim=0)).float()
+
+
+def damped_inverse(xtx: torch.Tensor, damping: float) -> torch.Tensor:
+    """``(H + damping * diag(H))^-1`` in float64, the per-feature damping of :mod:`recovery.ridge`
+    (a tiny absolute floor keeps features that never fired invertible)."""
+    h = xtx.double()
+    diag = torch.diagonal(h)
+    return torch.linalg.inv(h + torch.diag(damping * diag + 1e-8 * float(diag.mean()) + 1e-12))
+
+
+def obs_group_scores(xtx: torch.Tensor, weight: torch.Tensor, group: int, damping: float) -> torch.Tensor:
+    """Structured OBS saliency of each block of ``group`` consecutive input columns of ``weight``:
+    the squared output error that removing the block leaves after the best refit of the others,
+    ``tr(W_S [H^-1]_SS^-1 W_S^T)``. ``group=1`` gives ``||W[:, j]||^2 / [H^-1]_jj`` per column."""
+    h_inv = damped_inverse(xtx, damping)
+    w = weight.detach().double()
+    blocks = w.shape[1] // group
+    if group == 1:
+        return (w.pow(2).sum(dim=0) / torch.diagonal(h_inv).clamp_min(1e-300)).float()
+    scores = torch.empty(blocks, dtype=torch.float64)
+    for b in range(blocks):
+        cols = slice(b * group, (b + 1) * group)
+        w_s = w[:, cols]
+        scores[b] = torch.trace(w_s @ torch.linalg.solve(h_inv[cols, cols], w_s.T))
+    return scores.float()
+
+
+def structures_from_columns(mlp_channels: torch.Tensor, head_columns: torch.Tensor, num_kv_heads: int,
+                            head_dim: int) -> dict[str, torch.Tensor]:
+    """Additive per-column scores of ``o_proj`` summed into heads (and heads into KV groups)."""
+    heads = head_columns.reshape(-1, head_dim).sum(dim=1)
+    return {"kv_groups": kv_group_scores(heads, num_kv_heads), "heads": heads, "mlp_channels": mlp_channels}
 
 
 def kv_group_scores(head_scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

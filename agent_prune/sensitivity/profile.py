@@ -47,6 +47,7 @@ from agent_prune.sensitivity.layerstats import (
 from agent_prune.sensitivity.schema import (
     METRICS,
     CalibrationInfo,
+    InputMeans,
     LayerProfile,
     ModelInfo,
     ModuleStats,
@@ -66,6 +67,7 @@ def profile_model(
     *,
     device: str = "cpu",
     gradients: bool = True,
+    hessians: bool = False,
     batch_size: int = 2,
     progress: Progress | None = None,
     layer_sources: list[int] | None = None,
@@ -82,6 +84,8 @@ def profile_model(
 ) -> SensitivityProfile:
     """Profile ``model`` as it is now on ``calibration_windows`` (LongTensor ``[samples, seqlen]``).
 
+    ``hessians`` also collects each o_proj/down_proj input Gram matrix for OBS structure scores
+    (``structures_obs``; a few seconds per layer on CPU).
     ``layer_sources[i]`` is the dense-model index of current layer ``i`` (default: ``i``).
     ``start_layer`` (with ``previous``) reuses the forward metrics of the layers below it; ``"auto"``
     picks the first layer whose fingerprint or source differs from ``previous``. Weights
@@ -113,7 +117,8 @@ def profile_model(
             for index in range(start_layer, adapter.num_layers):
                 if acts is not None:
                     acts.put(index, hidden, keys[index])
-                fresh[index] = _forward_layer(adapter, index, hidden, inputs, work, spike_ratio, spike_min)
+                fresh[index] = _forward_layer(adapter, index, hidden, inputs, work, spike_ratio, spike_min,
+                                              hessians)
                 report("forward", index + 1 - start_layer, adapter.num_layers - start_layer)
             if acts is not None:
                 acts.drop_from(adapter.num_layers)  # inputs of layers a depth cut removed
@@ -173,12 +178,12 @@ def _inputs_of(
 @torch.no_grad()
 def _forward_layer(
     adapter: FamilyAdapter, index: int, hidden: torch.Tensor, inputs: LayerInputs,
-    work: torch.device, spike_ratio: float, spike_min: float,
+    work: torch.device, spike_ratio: float, spike_min: float, hessians: bool = False,
 ) -> ForwardStats:
     """Measure layer ``index`` and overwrite ``hidden`` with its outputs, batch by batch."""
     layer = adapter.layers()[index]
     with on_device(layer, work):
-        collectors, handles = attach_collectors(adapter, layer)
+        collectors, handles = attach_collectors(adapter, layer, hessian=hessians)
         spikes = next(c for c in collectors.values() if isinstance(c, ChannelCollector))
         depth = DepthCollector()
         try:
@@ -265,6 +270,9 @@ def _forward_record(index: int, source: int, fingerprint: str, stats: ForwardSta
         angular_distance=stats.angular_distance, wanda=stats.wanda, wanda_p10=stats.wanda_p10,
         modules={name: ModuleStats(**values) for name, values in stats.modules.items()},
         structures=Structures(**stats.structures), structures_l2=Structures(**stats.structures_l2),
+        structures_fluctuation=Structures(**stats.structures_fluctuation),
+        structures_obs=Structures(**stats.structures_obs) if stats.structures_obs else None,
+        input_means=InputMeans(**stats.input_means),
     )
 
 

@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent_prune.errors import InputError
 
 SCHEMA_VERSION = 1
+# pruner name -> the LayerProfile field holding its structure scores
+STRUCTURE_FIELDS = {"amp": "structures", "l2": "structures_l2", "taylor": "structures_taylor",
+                    "fluctuation": "structures_fluctuation", "obs": "structures_obs"}
 METRICS = ("block_influence", "angular_distance", "wanda", "wanda_p10", "gradient", "taylor")
 
 DEFINITIONS = {
@@ -43,6 +46,15 @@ DEFINITIONS = {
                      "||W_down[:, j]||_2 over all calibration tokens; heads = root of the summed squares "
                      "of ||x_c||_2 * ||W_o[:, c]||_2 over the head's o_proj columns; kv_groups = sum of "
                      "its heads. Higher = more important.",
+    "structures_fluctuation": "FLAP's fluctuation (arXiv 2312.11983): mlp_channels = Var over calibration "
+                              "tokens of a_j times ||W_down[:, j]||_2^2; heads = the same summed over the "
+                              "head's o_proj columns; kv_groups = sum of its heads. Higher = more important.",
+    "structures_obs": "structured OBS saliency (ZipLM arXiv 2302.04089, SlimGPT arXiv 2412.18110): the "
+                      "squared output error that removing a structure's o_proj/down_proj input columns S "
+                      "leaves after the best refit of the other columns, tr(W_S [H^-1]_SS^-1 W_S^T), "
+                      "H = X^T X + damping * diag(X^T X); kv_groups take all their heads' columns at once",
+    "input_means": "mean over calibration tokens of each input channel of o_proj and down_proj (what "
+                   "bias compensation folds in for the channels a cut removes)",
     "structures_taylor": "sum of |W * dL/dW| over the weights a structure owns: head = its q_proj rows + "
                          "o_proj columns; kv_group = its heads + its k_proj/v_proj rows; mlp_channel = "
                          "its gate_proj row + up_proj row + down_proj column",
@@ -77,6 +89,11 @@ class Structures(_Record):
     mlp_channels: list[float]
 
 
+class InputMeans(_Record):
+    o_proj: list[float]
+    down_proj: list[float]
+
+
 class LayerProfile(_Record):
     index: int
     source: int
@@ -97,6 +114,9 @@ class LayerProfile(_Record):
     structures: Structures
     structures_l2: Structures | None = None  # absent from profiles written before it existed
     structures_taylor: Structures | None = None
+    structures_fluctuation: Structures | None = None
+    structures_obs: Structures | None = None  # only from profiles with hessians
+    input_means: InputMeans | None = None
     reused: bool = Field(False, description="forward metrics copied from an earlier profile (partial)")
 
 
@@ -173,14 +193,13 @@ class SensitivityProfile(_Record):
         return [layer.z.get(name) for layer in self.layers]
 
     def structure_scores(
-        self, method: Literal["amp", "l2", "taylor"] = "amp"
+        self, method: Literal["amp", "l2", "taylor", "fluctuation", "obs"] = "amp"
     ) -> list[dict[str, list[float]]]:
         """Per current layer ``{"kv_groups", "heads", "mlp_channels"}`` score lists for pruners."""
-        field = {"amp": "structures", "l2": "structures_l2", "taylor": "structures_taylor"}[method]
-        chosen = [getattr(layer, field) for layer in self.layers]
+        chosen = [getattr(layer, STRUCTURE_FIELDS[method]) for layer in self.layers]
         if any(s is None for s in chosen):
             raise InputError(f"this profile has no {method} structure scores",
-                             "profile with gradients for Taylor scores")
+                             "profile with gradients for Taylor scores, with hessians for OBS scores")
         return [s.model_dump() for s in chosen]
 
     def protected_sources(self) -> list[ProtectedItem]:

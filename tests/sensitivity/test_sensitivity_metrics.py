@@ -127,3 +127,44 @@ def test_l2_structure_scores_are_what_each_structure_writes_to_the_output():
     heads = torch.stack([channels[2 * h: 2 * h + 2].pow(2).sum().sqrt() for h in range(3)])
     torch.testing.assert_close(structures["heads"], heads)
     torch.testing.assert_close(structures["kv_groups"], heads.sum().reshape(1))
+
+
+def test_fluctuation_is_input_variance_times_squared_column_norm():
+    torch.manual_seed(0)
+    acts = torch.randn(64, 5).double()
+    acts[:, 2] = 3.0  # a constant channel: all of it is mean, nothing fluctuates
+    weight = torch.randn(4, 5)
+    scores = metrics.column_fluctuation_scores(acts.sum(0), acts.pow(2).sum(0), 64, weight)
+    expected = acts.var(dim=0, unbiased=False) * weight.double().pow(2).sum(0)
+    torch.testing.assert_close(scores, expected.float())
+    assert float(scores[2]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_obs_saliency_is_the_error_left_after_refitting_the_other_columns():
+    torch.manual_seed(0)
+    x = torch.randn(400, 6, dtype=torch.float64)
+    x[:, 1] += 0.9 * x[:, 0]  # correlated columns: one can stand in for the other
+    weight = torch.randn(3, 6, dtype=torch.float64)
+    target = x @ weight.T
+    xtx = x.T @ x
+
+    def refit_error(removed: list[int]) -> float:
+        kept = [j for j in range(6) if j not in removed]
+        solution = torch.linalg.lstsq(x[:, kept], target).solution
+        return float((x[:, kept] @ solution - target).pow(2).sum())
+
+    columns = metrics.obs_group_scores(xtx, weight, 1, damping=0.0)
+    assert columns.tolist() == pytest.approx([refit_error([j]) for j in range(6)], rel=1e-4)
+    pairs = metrics.obs_group_scores(xtx, weight, 2, damping=0.0)
+    assert pairs.tolist() == pytest.approx([refit_error([2 * b, 2 * b + 1]) for b in range(3)], rel=1e-4)
+
+
+def test_obs_with_uncorrelated_inputs_ranks_as_the_l2_score():
+    torch.manual_seed(0)
+    scale = torch.tensor([1.0, 3.0, 0.5, 2.0])
+    x = torch.randn(20000, 4, dtype=torch.float64)
+    x = torch.linalg.qr(x).Q * 100 * scale.double()  # exactly orthogonal columns of set norms
+    weight = torch.randn(2, 4)
+    obs = metrics.obs_group_scores(x.T @ x, weight, 1, damping=0.5)
+    l2 = metrics.column_l2_scores(x.pow(2).sum(0), weight)
+    torch.testing.assert_close(obs, 1.5 * l2.pow(2), rtol=1e-4, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import adapter_for
-from agent_prune.sensitivity import ActivationStore, profile_model
+from agent_prune.sensitivity import ActivationStore, metrics, profile_model
 from tests.conftest import tiny_model
 
 SAMPLES, SEQLEN = 6, 24
@@ -75,6 +75,31 @@ def test_streaming_profile_equals_full_model_hooked_results(family):
         a = inputs[(i, "mlp.down_proj")].reshape(-1, down.shape[1])
         channels = a.abs().mean(0) * down.abs().sum(0)
         assert entry.structures.mlp_channels == pytest.approx(channels.tolist(), rel=1e-4)
+
+
+def test_fluctuation_obs_and_means_equal_the_hooked_inputs(tiny_llama):
+    ids = windows()
+    profile = profile_model(tiny_llama, ids, batch_size=4, gradients=False, hessians=True)
+    inputs, _, _ = reference(tiny_llama, ids)
+    adapter = adapter_for(tiny_llama)
+    for i, layer in enumerate(adapter.layers()):
+        entry = profile.layers[i]
+        o_proj = adapter.attention_projections(layer)["o_proj"].weight.detach()
+        down = adapter.mlp_projections(layer)["down_proj"].weight.detach()
+        z = inputs[(i, "self_attn.o_proj")].reshape(-1, o_proj.shape[1]).double()
+        a = inputs[(i, "mlp.down_proj")].reshape(-1, down.shape[1]).double()
+        assert entry.input_means.down_proj == pytest.approx(a.mean(0).tolist(), rel=1e-4, abs=1e-6)
+        assert entry.input_means.o_proj == pytest.approx(z.mean(0).tolist(), rel=1e-4, abs=1e-6)
+        channels = a.var(0, unbiased=False) * down.double().pow(2).sum(0)
+        assert entry.structures_fluctuation.mlp_channels == pytest.approx(channels.tolist(), rel=1e-3)
+        columns = z.var(0, unbiased=False) * o_proj.double().pow(2).sum(0)
+        heads = columns.reshape(-1, 16).sum(1)
+        assert entry.structures_fluctuation.heads == pytest.approx(heads.tolist(), rel=1e-3)
+        obs = metrics.obs_group_scores(a.T @ a, down, 1, metrics.OBS_DAMPING)
+        assert entry.structures_obs.mlp_channels == pytest.approx(obs.tolist(), rel=1e-3)
+        kv = metrics.obs_group_scores(z.T @ z, o_proj, 32, metrics.OBS_DAMPING)  # 2 heads of 16 a group
+        assert entry.structures_obs.kv_groups == pytest.approx(kv.tolist(), rel=1e-3)
+    assert profile_model(tiny_llama, ids, gradients=False).layers[0].structures_obs is None
 
 
 def test_profiling_leaves_the_model_as_it_was(tiny_llama):

@@ -110,7 +110,7 @@ def propose_messages(context: PlannerContext) -> list[dict]:
         rejected_layers=", ".join(map(str, context.rejected_layers)) or "none",
         branches=branches_line(context),
         width_min=width_min_layers(context),
-        pruners="; ".join(f"{name}: {text}" for name, text in PRUNERS.items()) + ".",
+        pruners="; ".join(f"{name}: {PRUNERS[name]}" for name in context.pruners) + ".",
     )
     return _chat(user)
 
