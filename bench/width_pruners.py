@@ -4,9 +4,13 @@ compensation, through the project's own code (profile, allocation, actions, reco
 Protocol: SmolLM2-135M-Instruct (fp32, CPU); the MLP channels of ``--sparsity`` of the prunable
 (decoder linear) parameters removed in one shot; channel scores from the sensitivity profile on
 ``--calib`` C4 calibration windows of 512 tokens (seed 0, the loop's ``calibration_windows``);
-allocation ``even`` (the same count in every layer) or ``global`` (standardised scores ranked across
-layers, :mod:`agent_prune.agent.allocation`, at most 60% of a layer); compensation ``none`` or
-``refit`` (local reconstruction of each cut ``down_proj`` toward the dense MLP on the same windows);
+allocation ``even`` (the same count in every layer), ``global`` (the score's own standardised values
+ranked across layers, :mod:`agent_prune.agent.allocation`, at most 60% of a layer) or
+``global-SCORE`` (ranked by another score's, e.g. ``l2:global-fluctuation:refit`` keeps the L2
+choice of channels inside each layer and sizes the layers by fluctuation, as the loop does);
+compensation ``none`` or ``refit`` (local reconstruction of each cut ``down_proj`` toward the dense
+MLP on the same windows); scores ``l2``, ``amp``, ``fluctuation``, ``obs`` (profiled with hessians),
+``taylor`` (profiled with gradients);
 WikiText-2 raw test perplexity, seqlen 512, first 32 windows.
 
     python bench/width_pruners.py \
@@ -58,7 +62,8 @@ def main(argv=None) -> int:
     windows = calibration_windows(loaded.tokenizer, c4_documents(data_dir), args.calib, 512, seed=0)
     rows = [tuple(r.split(":")) for r in args.rows.split(",")]
     started = time.perf_counter()
-    profile = profile_model(dense, windows, gradients=any(r[0] == "taylor" for r in rows))
+    scores_used = {r[0] for r in rows} | {r[1].split("-", 1)[1] for r in rows if "-" in r[1]}
+    profile = profile_model(dense, windows, gradients="taylor" in scores_used, hessians="obs" in scores_used)
     profile_s = time.perf_counter() - started
     prunable = count_parameters(dense).prunable
     total = round(args.sparsity * prunable / mlp_channel_cost(loaded.adapter.hidden_size))
@@ -66,14 +71,17 @@ def main(argv=None) -> int:
     for score, allocation, compensation in rows:
         started = time.perf_counter()
         structures = profile.structure_scores(score)
-        counts = channels_per_layer([s["mlp_channels"] for s in structures], total, allocation)
+        allocation, _, sized_by = allocation.partition("-")
+        sizing = profile.structure_scores(sized_by) if sized_by else structures
+        counts = channels_per_layer([s["mlp_channels"] for s in sizing], total, allocation)
         actions = [{"kind": "prune_width", "layer": i, "mlp_channels": c} for i, c in enumerate(counts) if c]
         model = copy.deepcopy(dense)
         manifest = apply_actions(model, actions, dense_manifest(model), scores=dict(enumerate(structures)))
         if compensation == "refit":
             reconstruct(model, dense, manifest, windows)
         seconds = time.perf_counter() - started + profile_s
-        row = {"score": score, "allocation": allocation, "compensation": compensation,
+        row = {"score": score, "allocation": allocation + (f"-{sized_by}" if sized_by else ""),
+               "compensation": compensation,
                "sparsity": round(count_parameters(model, base_prunable=prunable).structural_sparsity, 4),
                "channels_kept": [len(s["mlp_channels"]) - c for s, c in zip(structures, counts)],
                "ppl": round(perplexity(model, loaded.tokenizer, data_dir), 2), "seconds": round(seconds, 1)}

@@ -33,15 +33,23 @@ TARGET_TOLERANCE = 0.002  # a run within 0.2 points of its target sparsity has r
 MIN_MLP_KEPT = 1 / 3
 
 
+# The channel scores whose standardised global ranking sizes each layer's share of a step, best
+# first (older profiles lack fluctuation scores). Fluctuation is FLAP's own allocation metric: one
+# shot at 20% it beats the L2-based allocation by 2 perplexity points with the same L2 channel
+# choice and refit (docs/benchmarks.md, "Width pruners").
+ALLOCATION_SCORES = ("structures_fluctuation", "structures_l2")
+
+
 def suggested_mlp_cuts(profile: dict, budget: int, hidden: int, dense_channels: int) -> list[int]:
     """Per current layer, the MLP channels a step of ``budget`` parameters would take from it under
-    the global ranking of standardised L2 channel scores (zeros for profiles without them)."""
+    the global ranking of standardised channel scores (zeros for profiles without them)."""
     layers = profile["layers"]
-    if any(layer.get("structures_l2") is None for layer in layers):
+    field = next((f for f in ALLOCATION_SCORES if all(layer.get(f) for layer in layers)), None)
+    if field is None:
         return [0] * len(layers)
     floor = max(math.ceil(MIN_MLP_KEPT * dense_channels), MIN_MLP_CHANNELS)
     caps = [mlp_cap(layer["intermediate_size"], min_channels=floor) for layer in layers]
-    scores = [layer["structures_l2"]["mlp_channels"] for layer in layers]
+    scores = [layer[field]["mlp_channels"] for layer in layers]
     return global_allocation(scores, budget // mlp_channel_cost(hidden), caps)
 
 
