@@ -12,7 +12,9 @@ import agent_prune
 from agent_prune.actions import MANIFEST_FILE, apply_actions, dense_manifest
 from agent_prune.errors import InputError
 from agent_prune.models.export import MODELING_FILE, export_model, read_manifest
+from agent_prune.models.formats import engines_that_load
 from agent_prune.models.loading import load_model
+from tests.compensation import calibration_ids, compensated_cut
 from tests.conftest import FAMILIES, save_tiny, tiny_model, tiny_tokenizer
 
 TOKENS = [[5, 17, 99, 3, 250, 64, 8, 1]]
@@ -58,6 +60,44 @@ def test_exports_reload_in_stock_transformers(tmp_path):
         summary = export_model(model, None, tmp_path / f"{index}-{family}", manifest)
         assert summary.heterogeneous == (actions is MIXED)
         assert (tmp_path / f"{index}-{family}" / MODELING_FILE).is_file() == summary.heterogeneous
+        models.append(model)
+        folders.append(summary.path)
+    for model, folder, stock in zip(models, folders, stock_reload(folders)):
+        with torch.no_grad():
+            expected = model(torch.tensor(TOKENS)).logits
+        torch.testing.assert_close(stock["logits"], expected, rtol=1e-6, atol=1e-6)
+        expected_tokens = model.generate(torch.tensor(TOKENS), max_new_tokens=4, do_sample=False)
+        assert torch.equal(stock["generated"], expected_tokens), folder
+
+
+def test_compensated_exports_reload_with_the_same_logits(tmp_path):
+    """Biases from bias compensation survive every export. A uniform Llama keeps a stock config (its
+    bias flags on, zeros for the projections without a bias) that transformers loads without remote
+    code; the other families, whose stock layers have no down_proj bias, and per-layer widths go
+    through the modeling file."""
+    from transformers import AutoModelForCausalLM
+
+    cases = [(family, UNIFORM) for family in FAMILIES] + [("llama", MIXED), ("qwen3", MIXED)]
+    models, folders = [], []
+    for index, (family, actions) in enumerate(cases):
+        model, manifest = compensated_cut(tiny_model(family), actions, calibration_ids())
+        folder = tmp_path / f"{index}-{family}"
+        summary = export_model(model, None, folder, manifest)
+        stock = family == "llama" and actions is UNIFORM
+        config = json.loads((folder / "config.json").read_text())
+        assert (folder / MODELING_FILE).is_file() != stock and ("auto_map" in config) != stock
+        assert summary.extra_biases == (family != "llama") == ("agent_prune_layer_biases" in config)
+        if family == "llama":
+            assert config["attention_bias"] and config["mlp_bias"]
+        loads_in = engines_that_load("hf", summary.heterogeneous, summary.extra_biases)
+        assert ("vLLM, TensorRT-LLM (a stock config)" in loads_in) == stock
+        with torch.no_grad():
+            expected = model(torch.tensor(TOKENS)).logits
+            reloaded = [agent_prune.load_pretrained(folder)[0]]
+            if stock:
+                reloaded.append(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+            for other in reloaded:
+                torch.testing.assert_close(other(torch.tensor(TOKENS)).logits, expected, rtol=1e-6, atol=1e-6)
         models.append(model)
         folders.append(summary.path)
     for model, folder, stock in zip(models, folders, stock_reload(folders)):

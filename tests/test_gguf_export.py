@@ -13,6 +13,7 @@ import torch
 from agent_prune.actions import apply_actions, dense_manifest
 from agent_prune.errors import InputError
 from agent_prune.models.gguf_export import export_gguf
+from tests.compensation import calibration_ids, compensated_cut
 from tests.conftest import save_tiny, tiny_merged_tokenizer, tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,16 +111,43 @@ def test_cli_apply_writes_gguf_and_refuses_quant_without_it(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --quant applies to GGUF")
 
 
-@pytest.mark.parametrize("actions, quant, tolerance", [(UNIFORM, "F32", 1e-3), (MIXED, "F32", 1e-3),
-                                                     (MIXED, "Q8_0", 0.05)],
-                         ids=["uniform-llama", "mixed-deci", "mixed-deci-zero-padded-q8"])
-def test_llama_cpp_runs_the_export_like_transformers(tmp_path, actions, quant, tolerance):
+@pytest.mark.parametrize("actions, arch", [(UNIFORM, "llama"), (MIXED, "deci")])
+def test_compensation_biases_are_written_as_f32_tensors(tmp_path, actions, arch):
+    """o_proj/down_proj biases go out as attn_output.bias / ffn_down.bias (F32, exact); a bias of zeros
+    (here q_proj's, as a reloaded stock Llama export has) is left out."""
+    model, manifest = compensated_cut(tiny_model("llama"), actions, calibration_ids())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.bias = torch.nn.Parameter(torch.zeros(q_proj.out_features))
+    summary = export_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", manifest, quant="Q8_0")
+    assert summary.architecture == arch and "transformers" not in summary.loads_with
+    expected = {f"blk.{i}.{name}.bias": layer.get_submodule(path).bias.detach().numpy()
+                for i, layer in enumerate(model.model.layers)
+                for name, path in (("attn_output", "self_attn.o_proj"), ("ffn_down", "mlp.down_proj"))
+                if layer.get_submodule(path).bias is not None}
+    assert len(expected) == (6 if arch == "llama" else 2)
+    written = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors if t.name.endswith(".bias")}
+    assert written.keys() == expected.keys()
+    for name, values in expected.items():
+        assert written[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(written[name].data), values)
+
+
+@pytest.mark.parametrize("actions, quant, tolerance, biases",
+                         [(UNIFORM, "F32", 1e-3, False), (MIXED, "F32", 1e-3, False),
+                          (MIXED, "Q8_0", 0.05, False), (UNIFORM, "F32", 1e-3, True),
+                          (MIXED, "F32", 1e-3, True)],
+                         ids=["uniform-llama", "mixed-deci", "mixed-deci-zero-padded-q8",
+                              "uniform-llama-biases", "mixed-deci-biases"])
+def test_llama_cpp_runs_the_export_like_transformers(tmp_path, actions, quant, tolerance, biases):
     """llama.cpp's own logits of an export match the pruned torch model's (at Q8_0 the 86-channel MLP
-    is padded to 96 with zero channels)."""
+    is padded to 96 with zero channels; with biases it adds attn_output.bias and ffn_down.bias)."""
     pytest.importorskip("llama_cpp")
     from agent_prune.evaluation.llamacpp import open_gguf
 
-    model, manifest = pruned(actions)
+    if biases:
+        model, manifest = compensated_cut(tiny_model("llama"), actions, calibration_ids())
+    else:
+        model, manifest = pruned(actions)
     summary = export_gguf(model, tiny_merged_tokenizer(), tmp_path / "m.gguf", manifest, quant=quant)
     assert summary.zero_padded_channels == ({2: 10} if quant == "Q8_0" else {})
     with open_gguf(tmp_path / "m.gguf", n_ctx=32, threads=1, logits_all=True) as llm:

@@ -267,6 +267,16 @@ def _side_params(adapter: FamilyAdapter, manifest: Manifest):
             yield f"{key}.weight{MASK_SUFFIX}", _resolve_module(adapter, manifest, key).weight, True
 
 
+def _add_saved_biases(adapter: FamilyAdapter, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each overridden linear that has a saved bias and no bias of its own a zero one to restore
+    it into: bias compensation adds biases where the base model's projections have none."""
+    for key in manifest.overridden:
+        module = _resolve_module(adapter, manifest, key)
+        if f"{key}.bias" in tensors and isinstance(module, nn.Linear) and module.bias is None:
+            module.bias = nn.Parameter(module.weight.new_zeros(module.out_features),
+                                       requires_grad=module.weight.requires_grad)
+
+
 def side_tensors(model: nn.Module, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Tensors replay needs beyond the base model: overridden params and masks, by stable key.
 
@@ -284,7 +294,8 @@ def replay(base_model: nn.Module, manifest: Manifest, tensors: dict[str, torch.T
     """Rebuild the pruned model described by ``manifest`` from ``base_model`` (left untouched).
 
     Structure comes from the manifest; masks and overridden values from ``tensors`` (see
-    :func:`side_tensors`). The result equals the pruned model bit for bit.
+    :func:`side_tensors`), biases included where the base has none. The result equals the pruned
+    model bit for bit.
     """
     from agent_prune.actions.surgery import restructured_copy
 
@@ -292,6 +303,7 @@ def replay(base_model: nn.Module, manifest: Manifest, tensors: dict[str, torch.T
     tensors = tensors or {}
     model = restructured_copy(base_model, dense_manifest(base_model).layers, manifest.layers)
     adapter = adapter_for(model)
+    _add_saved_biases(adapter, manifest, tensors)
     side = list(_side_params(adapter, manifest))
     if missing := [key for key, _, _ in side if key not in tensors]:
         raise InputError(f"replay needs side tensors the caller did not pass: {', '.join(missing[:3])}"

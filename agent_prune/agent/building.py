@@ -49,11 +49,20 @@ class CandidateBuilder:
         scores = dict(enumerate(parsed.structure_scores(pruner)))
         new_manifest = apply_actions(candidate, actions, manifest, scores=scores,
                                      protected=profile.get("protected", []))
+        compensation = {}
+        if pruner == "fluctuation":
+            # FLAP's score ranks what varies from token to token; what does not (the removed inputs'
+            # mean output) stays as a bias. Set before the refit, which fits the kept weights around it.
+            from agent_prune.recovery.bias import compensate_biases
+
+            modules = compensate_biases(model, candidate, manifest, new_manifest,
+                                        [layer.input_means for layer in parsed.layers])
+            compensation = {"bias_compensation": {"modules": len(modules)}}
         recovery = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
         counts = count_parameters(candidate, base_prunable=new_manifest.base.prunable_parameters)
         info = {"params": counts.total, "prunable": counts.prunable,
                 "sparsity": round(counts.structural_sparsity, 6), "summary": describe_actions(actions),
-                "pruner": pruner, "recovery": recovery}
+                "pruner": pruner, **compensation, "recovery": recovery}
         return candidate.eval(), new_manifest, info
 
     def recover(self, model: nn.Module, manifest: Manifest, first_changed: int = 0) -> dict | None:

@@ -73,7 +73,8 @@ class FinalReport:
             "mask_sparsity": pruned_counts.mask_sparsity,
             "file_size": {"dense": weight_bytes(base), "pruned": export["bytes"]},
             "layer_map": layer_map(manifest),
-            "loads_in": engines_that_load(self.resources.options.export_format, export["heterogeneous"]),
+            "loads_in": engines_that_load(self.resources.options.export_format, export["heterogeneous"],
+                                          export.get("extra_biases", False)),  # GGUF: Llama only
         }
 
     def dense_gguf(self, export: dict) -> tuple[int, dict]:

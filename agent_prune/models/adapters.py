@@ -43,6 +43,11 @@ class FamilyAdapter:
     # Dotted path of the decoder-layer list inside the *ForCausalLM model (for generated code).
     layers_path: ClassVar[str] = "model.layers"
     mlp_attr: ClassVar[str] = "mlp"
+    # Config flags that give the stock layer biases, and the part of the layer each switches on
+    # ("attention_bias": "self_attn."): an export whose biases they cover keeps a stock config.
+    # Only where serving engines read the same flags (vLLM's Llama does), else the export carries
+    # modeling code for its biases.
+    bias_flags: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -163,6 +168,7 @@ class LlamaAdapter(FamilyAdapter):
     """Llama and Llama-shaped models (SmolLM2, TinyLlama, ...)."""
 
     model_types = ("llama",)
+    bias_flags: ClassVar[dict[str, str]] = {"attention_bias": "self_attn.", "mlp_bias": "mlp."}
 
 
 class MistralAdapter(FamilyAdapter):

@@ -7,6 +7,12 @@ also lists them (``agent_prune_layer_widths``) and points ``auto_map`` at a smal
 written beside the weights, so ``from_pretrained(dir, trust_remote_code=True)`` loads it; our own
 :func:`load_pretrained` runs the same code from the package and needs no remote code.
 
+Biases that bias compensation adds to o_proj/down_proj keep a stock config where the family's
+config flags give the stock layer those biases (Llama's ``attention_bias``/``mlp_bias``: the
+projections the flags switch on and the model lacks are written as zeros). Other families list them
+per layer (``agent_prune_layer_biases``) and take the modeling file, like per-layer widths: Qwen2,
+Qwen3, Mistral and Gemma 2 hard-code ``bias=False`` on down_proj (Qwen2 and Mistral on o_proj too).
+
 The export is built from a clean config and the state dict (never ``save_pretrained`` on the
 model itself: transformers refuses that for a model loaded from ``.gguf``), and written to a
 temporary folder that is renamed into place.
@@ -14,6 +20,7 @@ temporary folder that is renamed into place.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import shutil
@@ -29,17 +36,19 @@ from torch import nn
 
 from agent_prune.actions.manifest import MANIFEST_FILE, Manifest, check_model_matches, parse_manifest
 from agent_prune.errors import InputError
-from agent_prune.models.adapters import adapter_class_for, adapter_for
+from agent_prune.models.adapters import FamilyAdapter, adapter_class_for, adapter_for
 from agent_prune.models.loading import _first_line, _quiet_transformers, clean_config
 
 MODELING_FILE = "modeling_agent_prune.py"
 WIDTHS_KEY = "agent_prune_layer_widths"
+BIASES_KEY = "agent_prune_layer_biases"
 _TEMPLATE = "modeling_agent_prune.py.tmpl"
 
 
 class ExportSummary(BaseModel):
     path: str
     heterogeneous: bool
+    extra_biases: bool  # biases the family's stock layers cannot hold: the modeling file adds them
     safetensors_bytes: int
     loads_with: str
 
@@ -69,14 +78,20 @@ def pruned_class(base: type) -> type:
     return getattr(module, f"AgentPrune{base.__name__}")
 
 
+def needs_modeling_code(config) -> bool:
+    """Whether an export's config names per-layer widths or biases (the stock class builds neither)."""
+    return hasattr(config, WIDTHS_KEY) or hasattr(config, BIASES_KEY)
+
+
 def export_config(model: nn.Module, manifest: Manifest):
-    """A clean config for the model as it is now: uniform widths in the standard fields, else per layer."""
+    """A clean config for the model as it is now: uniform widths in the standard fields, else per
+    layer; biases through the family's flags, else per layer."""
     adapter = adapter_for(model)
     config = clean_config(model.config)
     widths = manifest.widths()
     config.num_hidden_layers = len(widths)
     config.head_dim = adapter.head_dim
-    for attribute in (WIDTHS_KEY, "auto_map"):
+    for attribute in (WIDTHS_KEY, BIASES_KEY, "auto_map"):
         if hasattr(config, attribute):
             delattr(config, attribute)
     # Global fields hold the widest layer (exact when uniform; an upper bound for pre-allocation).
@@ -85,9 +100,51 @@ def export_config(model: nn.Module, manifest: Manifest):
     config.intermediate_size = max(w.intermediate_size for w in widths)
     if len(set(widths)) > 1:
         setattr(config, WIDTHS_KEY, [w.model_dump() for w in widths])
+    extra = extra_biases(adapter, config)
+    if any(extra) and not switch_bias_flags(adapter, config, extra):
+        setattr(config, BIASES_KEY, extra)
+    if needs_modeling_code(config):
         class_name = f"AgentPrune{stock_class(config).__name__}"
         config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE.removesuffix('.py')}.{class_name}"}
     return config
+
+
+def stock_biases(adapter: FamilyAdapter, config) -> set[str]:
+    """The projections (names inside a layer) to which the stock decoder layer built from ``config``
+    gives a bias; built on the meta device, so it costs no memory."""
+    with torch.device("meta"):
+        layer = type(adapter.layers()[0])(config, 0)
+    return {name for name, linear in adapter.linear_modules(layer).items() if linear.bias is not None}
+
+
+def extra_biases(adapter: FamilyAdapter, config) -> list[list[str]]:
+    """Per layer, the projections with a bias that the stock layer built from ``config`` lacks."""
+    stock = stock_biases(adapter, config)
+    return [[name for name, linear in adapter.linear_modules(layer).items()
+             if linear.bias is not None and name not in stock] for layer in adapter.layers()]
+
+
+def switch_bias_flags(adapter: FamilyAdapter, config, extra: list[list[str]]) -> bool:
+    """Switch on the family's bias flags that ``extra`` needs, if together they give the stock layer
+    every bias in it; False (``config`` unchanged) otherwise."""
+    names = {name for names in extra for name in names}
+    flags = [flag for flag, part in adapter.bias_flags.items() if any(n.startswith(part) for n in names)]
+    trial = copy.deepcopy(config)
+    for flag in flags:
+        setattr(trial, flag, True)
+    if not flags or not names <= stock_biases(adapter, trial):
+        return False
+    for flag in flags:
+        setattr(config, flag, True)
+    return True
+
+
+def with_zero_biases(state: dict[str, torch.Tensor], fresh: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` plus zeros for the biases ``fresh`` has and ``state`` lacks (Llama's flags switch on
+    q/k/v or gate/up biases beside the o_proj/down_proj ones the model carries)."""
+    zeros = {name: state[name.removesuffix("bias") + "weight"].new_zeros(param.shape)
+             for name, param in fresh.named_parameters() if name.endswith(".bias") and name not in state}
+    return state | zeros
 
 
 def export_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: Manifest) -> ExportSummary:
@@ -97,12 +154,12 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: Man
     out = Path(out_dir).expanduser().resolve()
     _check_target(out)
     config = export_config(model, manifest)
-    heterogeneous = hasattr(config, WIDTHS_KEY)
+    custom = needs_modeling_code(config)
     base = stock_class(config)
-    cls = pruned_class(base) if heterogeneous else base
+    cls = pruned_class(base) if custom else base
     with torch.device("meta"):
         fresh = cls(config)
-    fresh.load_state_dict(model.state_dict(), strict=True, assign=True)
+    fresh.load_state_dict(with_zero_biases(model.state_dict(), fresh), strict=True, assign=True)
     fresh.tie_weights()
     if getattr(model, "generation_config", None) is not None:
         fresh.generation_config = model.generation_config
@@ -113,15 +170,16 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: Man
             fresh.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if heterogeneous:
+        if custom:
             (tmp / MODELING_FILE).write_text(render_modeling_code(base, adapter.layers_path))
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ExportSummary(
-        path=str(out), heterogeneous=heterogeneous, safetensors_bytes=safetensors_bytes(out),
-        loads_with="AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if heterogeneous
+        path=str(out), heterogeneous=hasattr(config, WIDTHS_KEY), extra_biases=hasattr(config, BIASES_KEY),
+        safetensors_bytes=safetensors_bytes(out),
+        loads_with="AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if custom
         else "AutoModelForCausalLM.from_pretrained(path)",
     )
 
@@ -172,7 +230,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32):
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(path)
-            cls = pruned_class(stock_class(config)) if hasattr(config, WIDTHS_KEY) else stock_class(config)
+            cls = pruned_class(stock_class(config)) if needs_modeling_code(config) else stock_class(config)
             model = cls.from_pretrained(path, config=config, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(Path(path)) else None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

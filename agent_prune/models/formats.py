@@ -67,12 +67,17 @@ def write_model(model: nn.Module, tokenizer, out: str | Path, manifest: Manifest
     return {"format": "hf", "bytes": summary.safetensors_bytes, **summary.model_dump()}
 
 
-def engines_that_load(fmt: str, heterogeneous: bool) -> str:
-    """Where an export of this format and shape runs, in words for the report."""
+def engines_that_load(fmt: str, heterogeneous: bool, extra_biases: bool = False) -> str:
+    """Where an export of this format and shape runs, in words for the report. ``extra_biases``: the
+    folder carries o_proj/down_proj biases its family's stock layers lack (only Llama's config flags
+    give them; the GGUF export takes Llama only)."""
     if fmt == "gguf":
         return ("llama.cpp and GGUF engines built on it (architecture `llama`)" if not heterogeneous else
                 "llama.cpp (architecture `deci`: per-layer head counts and feed-forward lengths); "
                 "engines that read only `llama` GGUFs do not")
+    if extra_biases:
+        return ("transformers with `trust_remote_code=True`; not vLLM or TensorRT-LLM, whose layers of "
+                "this family have no o_proj/down_proj biases (bias compensation added them)")
     if not heterogeneous:
         return "transformers, vLLM, TensorRT-LLM (a stock config); llama.cpp after `--format gguf`"
     return ("transformers with `trust_remote_code=True`; llama.cpp after `--format gguf`; not vLLM or "

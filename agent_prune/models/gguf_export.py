@@ -17,6 +17,13 @@ in the summary; F16 for those down_proj matrices would cost far more bytes than 
 Any other matrix whose rows are not whole blocks is written as F16 and listed. Q and K rows are
 permuted the way llama.cpp's converter does (transformers' GGUF loader undoes it when reading).
 The file is written beside its target and renamed into place.
+
+Biases (bias compensation puts them on o_proj/down_proj) go out as F32 ``blk.N.attn_output.bias`` and
+``blk.N.ffn_down.bias``, which llama.cpp loads as optional tensors of shape ``n_embd`` for both
+``llama`` and ``deci`` and adds in both graphs. Biases of zeros are left out: they add nothing, and
+llama.cpp sizes an ``attn_q.bias`` by ``n_embd``, which a q_proj that lost heads no longer matches.
+transformers' GGUF loader reads no bias flags for ``llama`` and drops the biases, so a file with
+biases is not said to load there.
 """
 
 from __future__ import annotations
@@ -159,6 +166,7 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, manifest: Man
         vocab_size = model.get_input_embeddings().weight.shape[0]
         tokenizer_note = add_tokenizer(writer, tokenizer, vocab_size, reader)
         types, fallbacks = _add_tensors(writer, model, arch, ffn, adapter.head_dim, default, per_tensor)
+        biases = any(name.endswith(".bias") for name in types)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -180,7 +188,7 @@ def export_gguf(model: nn.Module, tokenizer, out_file: str | Path, manifest: Man
         zero_padded_channels={i: f - w.intermediate_size for i, (f, w) in enumerate(zip(ffn, widths))
                               if f > w.intermediate_size},
         loads_with="llama.cpp (llama_cpp.Llama(model_path=path))" + (
-            "" if arch == "deci" else "; transformers: from_pretrained(folder, gguf_file=name)"),
+            "" if arch == "deci" or biases else "; transformers: from_pretrained(folder, gguf_file=name)"),
     )
 
 
@@ -246,6 +254,8 @@ def _add_tensors(writer: gguf.GGUFWriter, model: nn.Module, arch: str, ffn: list
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
+        if hf_name.endswith(".bias") and not bool(tensor.any()):
+            continue  # zeros add nothing (see the module notes)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise InputError(f"no GGUF name for tensor {hf_name}", "export with --format hf")

@@ -2,6 +2,7 @@
 are those of the models that were built."""
 
 import pytest
+import torch
 
 from agent_prune.agent.profiling import profile_state
 from agent_prune.agent.runtime import RunContext
@@ -32,6 +33,30 @@ def test_a_replayed_candidate_scores_exactly_as_the_built_one(tmp_path, recovery
         replayed, _ = ctx.states.replay(target)
         assert replayed is not built
         assert without_timing(ctx.scoring.score(replayed)) == without_timing(ctx.scoring.score(built))
+
+
+@pytest.mark.parametrize("recovery", ["none", "reconstruct"])
+def test_a_fluctuation_candidate_carries_biases_and_replays_bit_for_bit(tmp_path, recovery):
+    """The fluctuation pruner keeps the removed channels' and heads' mean output as o_proj/down_proj
+    biases, which the dense base lacks; the saved candidate replays to the same weights and scores."""
+    ctx = RunContext(tiny_run_options(tmp_path, recovery=recovery))
+    ctx.steps.commit_dense()
+    model, manifest = ctx.states.load(ctx.states.store.step_dir(0))
+    profile = profile_state(ctx, model, manifest)
+    actions = [{**ACTIONS["width"][0], "kv_groups": 1}, *ACTIONS["width"][1:]]
+    built, built_manifest, info = ctx.builder.candidate(model, manifest, actions, profile, "fluctuation")
+    assert info["pruner"] == "fluctuation" and info["bias_compensation"] == {"modules": 7}
+    layers = built.model.layers
+    assert layers[0].self_attn.o_proj.bias is not None
+    assert all(layer.mlp.down_proj.bias is not None for layer in layers)
+    assert all(layer.mlp.down_proj.bias is None for layer in ctx.base.model.model.layers)
+    target = tmp_path / "candidates" / "fluctuation"
+    save_state(target, built, built_manifest, {"actions": actions, **info})
+    replayed, _ = ctx.states.replay(target)
+    built_state, replayed_state = built.state_dict(), replayed.state_dict()
+    assert built_state.keys() == replayed_state.keys()
+    assert all(torch.equal(built_state[key], replayed_state[key]) for key in built_state)
+    assert without_timing(ctx.scoring.score(replayed)) == without_timing(ctx.scoring.score(built))
 
 
 def test_a_run_keeps_one_replayed_state_and_no_candidate(tmp_path):
