@@ -8,9 +8,10 @@ allocation ``even`` (the same count in every layer), ``global`` (the score's own
 ranked across layers, :mod:`agent_prune.agent.allocation`, at most 60% of a layer) or
 ``global-SCORE`` (ranked by another score's, e.g. ``l2:global-fluctuation:refit`` keeps the L2
 choice of channels inside each layer and sizes the layers by fluctuation, as the loop does);
-compensation ``none`` or ``refit`` (local reconstruction of each cut ``down_proj`` toward the dense
-MLP on the same windows); scores ``l2``, ``amp``, ``fluctuation``, ``obs`` (profiled with hessians),
-``taylor`` (profiled with gradients);
+compensation ``none``, ``refit`` (local reconstruction of each cut ``down_proj`` toward the dense
+MLP on the same windows), ``bias`` (the removed channels' mean output kept as a bias, FLAP's
+compensation, :mod:`agent_prune.recovery.bias`) or ``bias+refit``; scores ``l2``, ``amp``,
+``fluctuation``, ``obs`` (profiled with hessians), ``taylor`` (profiled with gradients);
 WikiText-2 raw test perplexity, seqlen 512, first 32 windows.
 
     python bench/width_pruners.py \
@@ -36,6 +37,7 @@ from agent_prune.data.sources import resolve_data_dir
 from agent_prune.io import atomic_write_json
 from agent_prune.models.accounting import count_parameters
 from agent_prune.models.loading import load_model
+from agent_prune.recovery.bias import compensate_biases
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
 from bench._shared import perplexity
@@ -77,7 +79,10 @@ def main(argv=None) -> int:
         actions = [{"kind": "prune_width", "layer": i, "mlp_channels": c} for i, c in enumerate(counts) if c]
         model = copy.deepcopy(dense)
         manifest = apply_actions(model, actions, dense_manifest(model), scores=dict(enumerate(structures)))
-        if compensation == "refit":
+        if "bias" in compensation.split("+"):
+            compensate_biases(dense, model, dense_manifest(dense), manifest,
+                              [layer.input_means for layer in profile.layers])
+        if "refit" in compensation.split("+"):
             reconstruct(model, dense, manifest, windows)
         seconds = time.perf_counter() - started + profile_s
         row = {"score": score, "allocation": allocation + (f"-{sized_by}" if sized_by else ""),

@@ -7,6 +7,7 @@ defaults) and, per row, one recovery setting: ``none`` or ``reconstruct``
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 
@@ -86,12 +87,20 @@ def prune_width_global(model: nn.Module, windows: torch.Tensor, target: float, d
     """The loop's width pruner once: profile scores, global allocation, MLP channels only."""
     from agent_prune.sensitivity import profile_model
 
-    profile = profile_model(model, windows, gradients=score == "taylor", device=device)
+    profile = profile_model(model, windows, gradients=score == "taylor", hessians=score == "obs",
+                            device=device)
     structures = profile.structure_scores(score)
-    manifest = dense_manifest(model)
-    actions = width_actions([s["mlp_channels"] for s in structures], manifest, target)
-    manifest = apply_actions(model, actions, manifest, scores=dict(enumerate(structures)))
-    return manifest, {"actions": [a.model_dump() for a in actions]}
+    dense = dense_manifest(model)
+    actions = width_actions([s["mlp_channels"] for s in structures], dense, target)
+    before = copy.deepcopy(model) if score == "fluctuation" else None
+    manifest = apply_actions(model, actions, dense, scores=dict(enumerate(structures)))
+    details = {"actions": [a.model_dump() for a in actions]}
+    if before is not None:  # FLAP: the removed channels' mean output stays as a bias
+        from agent_prune.recovery.bias import compensate_biases
+
+        details["bias_modules"] = len(compensate_biases(before, model, dense, manifest,
+                                                        [layer.input_means for layer in profile.layers]))
+    return manifest, details
 
 
 def recover(model: nn.Module, dense: nn.Module, manifest: Manifest, windows: torch.Tensor,
@@ -109,4 +118,6 @@ def recover(model: nn.Module, dense: nn.Module, manifest: Manifest, windows: tor
 
 ONE_SHOT = {"shortgpt": prune_shortgpt, "wanda_sp": prune_wanda_sp,
             "l2_global": prune_width_global,
-            "taylor_global": partial(prune_width_global, score="taylor")}
+            "taylor_global": partial(prune_width_global, score="taylor"),
+            "fluctuation_global": partial(prune_width_global, score="fluctuation"),
+            "obs_global": partial(prune_width_global, score="obs")}

@@ -11,6 +11,8 @@ from agent_prune.io import atomic_write_text
 SECTION = "## Agent-prune vs baselines"
 LABELS = {"dense": "dense", "shortgpt": "ShortGPT (BI depth)", "wanda_sp": "Wanda-sp (uniform width)",
           "l2_global": "L2 width, global (one shot)", "taylor_global": "Taylor width, global (one shot)",
+          "fluctuation_global": "FLAP-style MLP width: fluctuation, global, bias (one shot)",
+          "obs_global": "OBS width, global (one shot)",
           "mop": "MoP fixed rule", "agent": "agent-prune"}
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from bench.compare.cost import holding, measured
+from bench.compare.prune import ONE_SHOT
 
 
 def main(argv=None) -> int:
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--target", required=True, type=float)
-    parser.add_argument("--method", choices=("shortgpt", "wanda_sp", "l2_global", "taylor_global"))
+    parser.add_argument("--method", choices=tuple(ONE_SHOT))
     parser.add_argument("--recovery", choices=("none", "reconstruct"), default="reconstruct")
     parser.add_argument("--planner", default="heuristic")
     parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
@@ -67,7 +68,7 @@ def oneshot_job(args) -> int:
     from agent_prune.actions import side_tensors
     from agent_prune.checkpoints.store import write_state_dir
     from agent_prune.models.accounting import count_parameters
-    from bench.compare.prune import ONE_SHOT, recover
+    from bench.compare.prune import recover
 
     loaded, _, windows = _setup(args)
     dense = loaded.model
