@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--calib", type=int, default=32, help="C4 calibration windows")
     p.add_argument("--rows", default="l2:even:none,l2:even:refit,l2:global:none,l2:global:refit,"
                                      "amp:global:refit", help="comma list of score:allocation:compensation")
+    p.add_argument("--obs-damping", type=float, default=None,
+                   help="damping of the obs scores relative to each H_jj (default: the profile's)")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
 
@@ -65,7 +67,9 @@ def main(argv=None) -> int:
     rows = [tuple(r.split(":")) for r in args.rows.split(",")]
     started = time.perf_counter()
     scores_used = {r[0] for r in rows} | {r[1].split("-", 1)[1] for r in rows if "-" in r[1]}
-    profile = profile_model(dense, windows, gradients="taylor" in scores_used, hessians="obs" in scores_used)
+    damping = {} if args.obs_damping is None else {"obs_damping": args.obs_damping}
+    profile = profile_model(dense, windows, gradients="taylor" in scores_used, hessians="obs" in scores_used,
+                            **damping)
     profile_s = time.perf_counter() - started
     prunable = count_parameters(dense).prunable
     total = round(args.sparsity * prunable / mlp_channel_cost(loaded.adapter.hidden_size))
@@ -96,6 +100,7 @@ def main(argv=None) -> int:
     if args.json_out:
         atomic_write_json(Path(args.json_out), {
             "protocol": {"model": args.model, "sparsity": args.sparsity, "calib_windows": args.calib,
+                         "obs_damping": args.obs_damping,
                          "seqlen": 512, "ppl": "WikiText-2 raw test, seqlen 512, first 32 windows"},
             "rows": results})
     return 0

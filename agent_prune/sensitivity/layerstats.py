@@ -89,6 +89,7 @@ def forward_stats(
     depth: DepthCollector,
     spike_ratio: float,
     spike_min: float,
+    obs_damping: float | None = None,
 ) -> ForwardStats:
     widths = adapter.layer_widths(layer)
     modules, kept_scores, total = {}, [], 0.0
@@ -132,7 +133,8 @@ def forward_stats(
             adapter.head_dim).items()},
         structures_fluctuation=_fluctuation_structures(heads_collector, channel_collector, widths,
                                                        adapter.head_dim),
-        structures_obs=_obs_structures(heads_collector, channel_collector, widths, adapter.head_dim),
+        structures_obs=_obs_structures(heads_collector, channel_collector, widths, adapter.head_dim,
+                                       obs_damping),
         input_means={"o_proj": heads_collector.input_mean().tolist(),
                      "down_proj": channel_collector.input_mean().tolist()},
         spikes=channel_collector.spikes(spike_ratio, spike_min),
@@ -150,13 +152,12 @@ def _fluctuation_structures(heads: HeadCollector, channels: ChannelCollector, wi
     return {k: v.tolist() for k, v in scores.items()}
 
 
-def _obs_structures(heads: HeadCollector, channels: ChannelCollector, widths,
-                    head_dim: int) -> dict[str, list[float]] | None:
+def _obs_structures(heads: HeadCollector, channels: ChannelCollector, widths, head_dim: int,
+                    damping: float | None) -> dict[str, list[float]] | None:
     """OBS saliencies: one per MLP channel, per head (its ``head_dim`` o_proj columns) and per KV group
     (its heads' columns together); None when the Gram matrices were not collected."""
-    if heads.xtx is None or channels.xtx is None:
+    if heads.xtx is None or channels.xtx is None or damping is None:
         return None
-    damping = metrics.OBS_DAMPING
     o_weight = heads.module.weight
     return {
         "kv_groups": metrics.obs_group_scores(heads.xtx, o_weight, head_dim * widths.heads_per_group,

@@ -68,6 +68,7 @@ def profile_model(
     device: str = "cpu",
     gradients: bool = True,
     hessians: bool = False,
+    obs_damping: float = metrics.OBS_DAMPING,
     batch_size: int = 2,
     progress: Progress | None = None,
     layer_sources: list[int] | None = None,
@@ -85,7 +86,8 @@ def profile_model(
     """Profile ``model`` as it is now on ``calibration_windows`` (LongTensor ``[samples, seqlen]``).
 
     ``hessians`` also collects each o_proj/down_proj input Gram matrix for OBS structure scores
-    (``structures_obs``; a few seconds per layer on CPU).
+    (``structures_obs``, damped by ``obs_damping`` times each feature's own ``H_jj``; a few seconds
+    per layer on CPU).
     ``layer_sources[i]`` is the dense-model index of current layer ``i`` (default: ``i``).
     ``start_layer`` (with ``previous``) reuses the forward metrics of the layers below it; ``"auto"``
     picks the first layer whose fingerprint or source differs from ``previous``. Weights
@@ -118,7 +120,7 @@ def profile_model(
                 if acts is not None:
                     acts.put(index, hidden, keys[index])
                 fresh[index] = _forward_layer(adapter, index, hidden, inputs, work, spike_ratio, spike_min,
-                                              hessians)
+                                              obs_damping if hessians else None)
                 report("forward", index + 1 - start_layer, adapter.num_layers - start_layer)
             if acts is not None:
                 acts.drop_from(adapter.num_layers)  # inputs of layers a depth cut removed
@@ -178,12 +180,13 @@ def _inputs_of(
 @torch.no_grad()
 def _forward_layer(
     adapter: FamilyAdapter, index: int, hidden: torch.Tensor, inputs: LayerInputs,
-    work: torch.device, spike_ratio: float, spike_min: float, hessians: bool = False,
+    work: torch.device, spike_ratio: float, spike_min: float, obs_damping: float | None = None,
 ) -> ForwardStats:
-    """Measure layer ``index`` and overwrite ``hidden`` with its outputs, batch by batch."""
+    """Measure layer ``index`` and overwrite ``hidden`` with its outputs, batch by batch (with OBS
+    scores at ``obs_damping`` when it is set)."""
     layer = adapter.layers()[index]
     with on_device(layer, work):
-        collectors, handles = attach_collectors(adapter, layer, hessian=hessians)
+        collectors, handles = attach_collectors(adapter, layer, hessian=obs_damping is not None)
         spikes = next(c for c in collectors.values() if isinstance(c, ChannelCollector))
         depth = DepthCollector()
         try:
@@ -195,7 +198,7 @@ def _forward_layer(
         finally:
             for handle in handles:
                 handle.remove()
-        stats = forward_stats(adapter, layer, collectors, depth, spike_ratio, spike_min)
+        stats = forward_stats(adapter, layer, collectors, depth, spike_ratio, spike_min, obs_damping)
         for collector in collectors.values():
             collector.free()
     release_memory()
