@@ -46,6 +46,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=2,
                         help="windows run together (default 2; peak memory grows with it)")
     parser.add_argument("--no-gradients", action="store_true", help="skip gradient and Taylor metrics")
+    parser.add_argument("--hessians", action="store_true",
+                        help="add structured OBS scores (input Gram matrices of o_proj/down_proj)")
     parser.add_argument("--out", default=None, help="write the profile JSON here (atomic)")
     add_output_args(parser)
     parser.set_defaults(handler=run)
@@ -68,6 +70,7 @@ def run(args) -> int:
     with _progress(args) as report:
         profile = profile_model(
             loaded.model, windows, device=args.device, gradients=not args.no_gradients,
+            hessians=args.hessians,
             batch_size=args.batch_size, progress=report, dataset="c4", seed=args.seed,
             model_name=loaded.source.display,
         )
