@@ -5,8 +5,9 @@
 Runs the loop's first iteration (start, profile, plan) once, then builds and scores that step's
 candidates again at each thread count, each time with a fresh evaluator (its KL reference is
 computed at that thread count, as a worker process computes its own), and prints per candidate
-the sha256 of its saved tensors and of its signals (timings left out) for each thread count. A
-second call with the same --out reuses the first's dense scores and profile.
+the sha256 of its saved tensors and of each of its signals (timings left out) at each thread count,
+and which of them differ. A second call with the same --out reuses the first's dense scores and
+profile.
 """
 
 from __future__ import annotations
@@ -29,12 +30,23 @@ from agent_prune.checkpoints.store import TENSORS_FILE
 from agent_prune.io import read_json
 
 
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def digests(candidate_dir: Path) -> dict:
-    signals = {k: v for k, v in read_json(candidate_dir / "signals.json").items() if k != "seconds"}
-    tensors = candidate_dir / TENSORS_FILE  # a depth cut alone has no side tensors
-    return {"tensors": hashlib.sha256(tensors.read_bytes()).hexdigest()[:16] if tensors.is_file() else None,
-            "signals": hashlib.sha256(json.dumps(signals, sort_keys=True).encode()).hexdigest()[:16],
-            "perplexity": signals["perplexity"]["value"]}
+    """sha256 of the candidate's side tensors (a depth cut alone has none) and of each signal."""
+    tensors = candidate_dir / TENSORS_FILE
+    signals = {k: sha(json.dumps(v, sort_keys=True).encode())
+               for k, v in read_json(candidate_dir / "signals.json").items() if k != "seconds"}
+    return {"tensors": sha(tensors.read_bytes()) if tensors.is_file() else None, **signals}
+
+
+def differences(results: dict) -> dict:
+    """Per candidate, the fields whose digests are not the same at every thread count."""
+    runs = list(results.values())
+    return {branch: [k for k in runs[0][branch] if len({str(r[branch][k]) for r in runs}) > 1]
+            for branch in runs[0]}
 
 
 def main() -> None:
@@ -60,7 +72,8 @@ def main() -> None:
         built = {**state, **nodes.build(state)}
         scored = nodes.evaluate(built)["candidates"]
         results[threads] = {c["branch"]: digests(Path(c["dir"])) for c in scored}
-    print(json.dumps({"torch": torch.__version__, "results": results}, indent=1))
+    print(json.dumps({"torch": torch.__version__, "differ": differences(results), "results": results},
+                     indent=1))
 
 
 if __name__ == "__main__":
