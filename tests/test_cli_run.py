@@ -54,14 +54,16 @@ def test_run_not_reaching_target_exits_1_with_json(tmp_path):
     assert text.returncode == 0 and "raw reply" in text.stdout
 
 
-def start_held_run(tmp_path: Path, server: ChatServer, at_request: int = 2) -> tuple:
-    """Start a run whose planner is the test's chat server, held at its ``at_request``-th request.
+def start_held_run(tmp_path: Path, server: ChatServer, at_request: int = 2, new_session: bool = False,
+                   **overrides) -> tuple:
+    """Start a run whose planner is the test's chat server, held at its ``at_request``-th request;
+    ``new_session``: in a process group of its own, as a terminal's foreground job is.
 
     The first request fails (the heuristic planner steps in), so request 2 comes after the first
     iteration's decision is checkpointed; it is never answered, so the run is blocked inside it.
     """
     config = write_config(tmp_path, target_sparsity=0.3, planner=f"openai:test-model@{server.url}",
-                          planner_options={"max_retries": 0})
+                          planner_options={"max_retries": 0}, **overrides)
     run_dir = tmp_path / "r"
     arrived = hold_request(server, at_request)
     err = (tmp_path / "stderr.txt").open("w")
@@ -69,7 +71,7 @@ def start_held_run(tmp_path: Path, server: ChatServer, at_request: int = 2) -> t
     # the default disposition a user's terminal gives it, whatever launched the test suite.
     proc = subprocess.Popen([sys.executable, "-m", "agent_prune", "run", "--config", str(config),
                              "--out", str(run_dir), "--quiet"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=err,
+                            stdout=subprocess.DEVNULL, stderr=err, start_new_session=new_session,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not arrived.wait(1.0):  # not a timing guess: only notices a run that ended early
         assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
@@ -96,6 +98,37 @@ def test_stopped_run_exits_with_its_code_and_resumes_to_0(tmp_path, sig, code, w
     assert again.returncode == 0, again.stderr
     assert "target_reached" in again.stderr and "structural sparsity" in again.stderr
     assert f"model: {run_dir}" in again.stderr
+
+
+def worker_processes(parent: int) -> list[int]:
+    """The pids of ``parent``'s worker processes (multiprocessing's spawned children)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process table from /proc")
+def test_ctrl_c_stops_the_workers_and_the_run_resumes(tmp_path):
+    with ChatServer() as server:
+        proc, run_dir = start_held_run(tmp_path, server, new_session=True, workers=2)
+        workers = worker_processes(proc.pid)  # started for the first iteration, idle now
+        assert len(workers) == 2
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process of the job
+        assert proc.wait(timeout=300) == 130
+        err = (tmp_path / "stderr.txt").read_text()
+        assert f"interrupted; resume with: agent-prune resume {run_dir}" in err, err
+        assert "Traceback" not in err
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        resumed = cli("resume", run_dir, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "target_reached"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -98,5 +98,6 @@ def run_graph(ctx: RunContext, resume: bool = False) -> dict[str, Any]:
         elif not snapshot.values:  # a fresh run, or one that died before its first checkpoint
             app.invoke({}, config)
         return dict(app.get_state(config).values)
-    finally:
+    finally:  # also after Ctrl-C, SIGTERM or a crash: no worker outlives the run's process
+        ctx.workers.close()
         saver.conn.close()

@@ -24,7 +24,6 @@ from agent_prune.agent.planners.base import FailedStep
 from agent_prune.agent.proposal import LayerRow, PlannerContext, Proposal, StepRecord, WidthProposal
 from agent_prune.agent.runtime import RunContext
 from agent_prune.agent.trace import Stopwatch
-from agent_prune.errors import InvalidActionError
 from agent_prune.io import atomic_write_json, read_json
 
 TARGET_TOLERANCE = 0.002  # a run within 0.2 points of its target sparsity has reached it
@@ -152,7 +151,7 @@ class LoopNodes:
         iteration = state["iteration"]
         proposal = Proposal.model_validate(state["proposal"])
         profile = read_json(state["profile_path"])
-        base_model, base_manifest = ctx.states.load(Path(state["current"]["dir"]))
+        base_model, _ = ctx.states.load(Path(state["current"]["dir"]))
         sizes = [LayerSize(**s) for s in profiling.layer_sizes(base_model)]
         budget = state["budget"]["params"]
         plans = {}
@@ -170,19 +169,21 @@ class LoopNodes:
                 plans["width"] = [{"kind": "prune_width", "layer": i, **counts}
                                   for i, counts in width.items()]
         pruner = proposal.width.pruner if proposal.width is not None else "l2"
+        branches = list(plans)
+        targets = [ctx.run_dir / "candidates" / f"iter-{iteration:04d}" / branch for branch in branches]
+        current, profile_path = state["current"]["dir"], state["profile_path"]
+        jobs = [{"current": current, "actions": plans[branch], "profile": profile_path, "target": str(target),
+                 "pruner": pruner} for branch, target in zip(branches, targets)]
+        built = ctx.workers.run("build", jobs, lambda i: ctx.reporter.building(iteration, branches[i]))
         candidates = []
-        for branch, actions in plans.items():
-            target = ctx.run_dir / "candidates" / f"iter-{iteration:04d}" / branch
-            ctx.reporter.building(iteration, branch)
-            with Stopwatch() as watch:
-                try:
-                    info = ctx.builder.build(base_model, base_manifest, actions, profile, target, pruner)
-                except InvalidActionError as exc:
-                    ctx.trace.event("candidate_invalid", iteration=iteration, branch=branch,
-                                    actions=actions, error=exc.one_line())
-                    continue
+        for branch, target, (info, seconds) in zip(branches, targets, built):
+            actions = plans[branch]
+            if "invalid" in info:
+                ctx.trace.event("candidate_invalid", iteration=iteration, branch=branch,
+                                actions=actions, error=info["invalid"])
+                continue
             info = {"branch": branch, "dir": str(target), "actions": actions, **info}
-            ctx.trace.event("candidate_built", iteration=iteration, duration_s=watch.seconds, **info)
+            ctx.trace.event("candidate_built", iteration=iteration, duration_s=seconds, **info)
             candidates.append(info)
         return {"candidates": candidates}
 
@@ -209,15 +210,15 @@ class LoopNodes:
     def evaluate(self, state: dict) -> dict:
         ctx = self.ctx
         ctx.states.release()  # scoring's peak is then the dense model and one candidate
+        candidates = state["candidates"]
+        runs = ctx.workers.run("score", [{"candidate": c["dir"]} for c in candidates],
+                               lambda i: ctx.reporter.evaluating(state["iteration"], candidates[i]["branch"]))
         scored = []
-        for candidate in state["candidates"]:
-            ctx.reporter.evaluating(state["iteration"], candidate["branch"])
-            with Stopwatch() as watch:
-                record_path = ctx.steps.score_state(Path(candidate["dir"]))
+        for candidate, (record_path, seconds) in zip(candidates, runs):
             summary = decisions.headline(read_json(record_path))
-            ctx.trace.event("candidate_scored", iteration=state["iteration"], duration_s=watch.seconds,
+            ctx.trace.event("candidate_scored", iteration=state["iteration"], duration_s=seconds,
                             branch=candidate["branch"], metrics=summary)
-            scored.append({**candidate, "record": str(record_path), "metrics": summary})
+            scored.append({**candidate, "record": record_path, "metrics": summary})
         return {"candidates": scored}
 
     # ---- decide --------------------------------------------------------------------------------
@@ -299,6 +300,7 @@ class LoopNodes:
     # ---- finish --------------------------------------------------------------------------------
     def finish(self, state: dict) -> dict:
         ctx = self.ctx
+        ctx.workers.close()  # the report needs none of them, and each holds a dense model
         with Stopwatch() as watch:
             final = ctx.final.finish()
         ctx.trace.event("finish", duration_s=watch.seconds, status=state["status"], **final)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Gates(BaseModel):
@@ -107,11 +107,37 @@ class RunOptions(BaseModel):
     seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"
+    workers: int = Field(1, ge=1, description="processes that build and score a step's candidates side by "
+                                              "side (agent_prune.agent.workers), each loading the model "
+                                              "once; 1: the run's own process, one candidate after the "
+                                              "other. Decisions and export do not depend on it")
+    candidate_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads that build and score each candidate, in each worker "
+                                "and in the run's own process with one worker; default the run "
+                                "process's (every core). A refit's float sums round differently with "
+                                "another thread count, so this, not `workers`, is part of what a run "
+                                "computes; on CPU give workers x threads <= cores")
+    worker_devices: list[str] | None = Field(
+        None, description="one device per worker, e.g. [cuda:0, cuda:1]; default every worker on "
+                          "`device`. All of `device`'s kind: a candidate's bits must not depend on "
+                          "which worker built it")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     export_format: Literal["hf", "gguf"] = "hf"
     export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
     gates: Gates = Field(default_factory=Gates)
     final_eval: FinalEval = Field(default_factory=FinalEval)
+
+    @model_validator(mode="after")
+    def _a_device_per_worker(self) -> RunOptions:
+        devices = self.worker_devices
+        if devices is None:
+            return self
+        if len(devices) != self.workers:
+            raise ValueError(f"{len(devices)} worker devices for {self.workers} workers (give one each)")
+        kind = self.device.split(":")[0]
+        if any(d.split(":")[0] != kind for d in devices):
+            raise ValueError(f"worker devices {devices} are not all of the run's device kind ({kind})")
+        return self
 
     @field_validator("branches")
     @classmethod

@@ -9,7 +9,9 @@ name, and each piece imports only the packages its concern needs:
 - ``states`` (``states.ModelStates``): the checkpoint store and the replayed models kept in memory;
 - ``builder`` (``building.CandidateBuilder``): candidates built and recovered, accepted steps healed;
 - ``steps`` (``steps.Steps``): step 0, a state's scores, and accepting a candidate as a step;
-- ``final`` (``final.FinalReport``): the export and the report's dense vs pruned measurements.
+- ``final`` (``final.FinalReport``): the export and the report's dense vs pruned measurements;
+- ``workers`` (``workers.CandidateWorkers``): where a step's candidates are built and scored (the
+  run's own process, or worker processes with ``--workers N``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from agent_prune.agent.resources import RunResources
 from agent_prune.agent.scoring import Scoring
 from agent_prune.agent.states import ModelStates
 from agent_prune.agent.steps import Steps
+from agent_prune.agent.workers import CandidateWorkers
 
 
 class RunContext(RunResources):
@@ -32,3 +35,4 @@ class RunContext(RunResources):
         self.builder = CandidateBuilder(self)
         self.steps = Steps(self, self.scoring, self.states, self.builder)
         self.final = FinalReport(self, self.scoring, self.states)
+        self.workers = CandidateWorkers(self)

@@ -34,7 +34,8 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
                          f"continue it with 'agent-prune resume {run_dir}', or pick another --out")
     # Fail on bad input before anything is written.
     resolve_model_source(options.model)
-    resolve_device(options.device)
+    for device in [options.device, *(options.worker_devices or [])]:
+        resolve_device(device)
     check_jsonl_files(resolve_data_dir(options.data_dir), RUN_DATA_FILES)
     check_exportable(options.model, options.export_format, options.export_quant)
     from agent_prune.agent.planners.spec import make_planner

@@ -28,7 +28,7 @@ FLAG_FIELDS = (
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
     "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
     "data_dir", "device", "dtype", "profile_gradients", "profile_hessians", "export_format", "export_quant",
-    "width_multiple", "uniform_width",
+    "width_multiple", "uniform_width", "workers", "candidate_threads",
 )
 GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
               "min_probe_accuracy_ratio": float}
@@ -101,6 +101,16 @@ def add_run_args(parser) -> None:
                              "wikitext2,freebaseqa,arc_easy,speed; config key report_tasks)")
     add_data_args(parser)
     parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="build and score a step's candidates in N worker processes side by side, "
+                             "each loading the model once (default 1: in the run's own process); the "
+                             "decisions and the export are the same for every N")
+    parser.add_argument("--worker-devices", metavar="LIST",
+                        help="one device per worker, e.g. cuda:0,cuda:1 (default: all on --device)")
+    parser.add_argument("--candidate-threads", type=int, metavar="N",
+                        help="torch CPU threads per candidate, in each worker or in the run's process "
+                             "(default every core); a run's low bits follow it, not --workers: on CPU "
+                             "compare --workers 1 and 2 at the same N, e.g. 1 on 2 cores")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     add_format_args(parser)
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
@@ -120,6 +130,8 @@ def options_from_args(args):
                                      **parse_key_values(args.planner_option)}
     if args.branches:
         values["branches"] = [b.strip() for b in args.branches.split(",") if b.strip()]
+    if getattr(args, "worker_devices", None):
+        values["worker_devices"] = [d.strip() for d in args.worker_devices.split(",") if d.strip()]
     gates = dict(values.get("gates", {}))
     for name in GATE_FLAGS:
         if getattr(args, name, None) is not None:
