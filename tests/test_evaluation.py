@@ -86,6 +86,25 @@ def test_window_kl_is_zero_to_itself_and_matches_hand_computation():
     assert (kl > 0).all()
 
 
+def test_a_spilled_kl_reference_gives_the_same_bits_and_leaves_no_file(tmp_path):
+    """The loop keeps its KL reference in a file under the run folder (200 MB less resident on the
+    shared model); read back a window at a time, it gives exactly the in-memory KL."""
+    model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    windows = random_windows(3, 16)
+    in_memory = reference_log_probs(model, windows, batch_size=2)
+    spilled = reference_log_probs(model, windows, batch_size=2, spill_dir=tmp_path)
+    assert tuple(spilled.shape) == tuple(in_memory.shape) and len(spilled) == 3
+    assert all(torch.equal(spilled[i], in_memory[i]) for i in range(3))
+    assert torch.equal(window_kl(other, windows, spilled, batch_size=2),
+                       window_kl(other, windows, in_memory, batch_size=2))
+    with pytest.raises(IndexError):
+        spilled[3]
+    with pytest.raises(ValueError, match="do not match"):
+        window_kl(other, windows[:2], spilled)
+    assert list(tmp_path.iterdir()) == []  # unnamed: nothing to clean up after a crash
+    spilled.close()
+
+
 def test_exact_match_normalises_case_and_spaces():
     assert knowledge.is_hit("It is Salman  Rushdie, of course", ["salman rushdie"])
     assert knowledge.is_hit("SalmanRushdie", ["salman rushdie"])

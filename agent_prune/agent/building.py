@@ -10,7 +10,7 @@ from torch import nn
 
 from agent_prune.actions import Manifest
 from agent_prune.agent.resources import RunResources
-from agent_prune.agent.states import save_state
+from agent_prune.agent.states import ModelStates, save_state
 
 
 def first_changed_layer(actions: list[dict]) -> int:
@@ -25,18 +25,34 @@ class CandidateBuilder:
     def __init__(self, resources: RunResources):
         self.resources = resources
 
-    def build(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
+    def build(self, states: ModelStates, current: Path, actions: list[dict], profile: dict,
               target: Path, pruner: str = "l2") -> dict:
-        """Apply ``actions`` to a copy of ``model`` (structures chosen by ``pruner``'s scores from
-        ``profile``), recover it, and save it under ``target``; the copy is dropped on return (the
-        evaluate node replays it)."""
-        candidate, new_manifest, info = self.candidate(model, manifest, actions, profile, pruner)
+        """Apply ``actions`` to a copy of saved state ``current`` (structures chosen by ``pruner``'s
+        scores from ``profile``), recover it, and save it under ``target``; the copy is dropped on
+        return (the evaluate node replays it).
+
+        Once the candidate is cut, the current step's model leaves the state cache, so the refit's
+        peak is the dense model and this candidate (issue 16: the current step beside them was the
+        run's largest resident set); the next candidate of the step replays it again (seconds)."""
+        model, manifest = states.load(current)
+        candidate, new_manifest, info = self.cut(model, manifest, actions, profile, pruner)
+        del model
+        states.release()
+        info["recovery"] = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
         save_state(target, candidate, new_manifest, {"actions": actions, **info})
         return info
 
     def candidate(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
                   pruner: str = "l2") -> tuple[nn.Module, Manifest, dict]:
         """(candidate, its manifest, info): ``actions`` applied to a copy of ``model``, recovered."""
+        candidate, new_manifest, info = self.cut(model, manifest, actions, profile, pruner)
+        info["recovery"] = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
+        return candidate, new_manifest, info
+
+    def cut(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
+            pruner: str = "l2") -> tuple[nn.Module, Manifest, dict]:
+        """(candidate, its manifest, info): ``actions`` applied to a copy of ``model`` (which is left
+        as it was), with the fluctuation pruner's bias compensation; not yet recovered."""
         from agent_prune.actions import apply_actions
         from agent_prune.agent.decisions import describe_actions
         from agent_prune.models.accounting import count_parameters
@@ -58,11 +74,10 @@ class CandidateBuilder:
             modules = compensate_biases(model, candidate, manifest, new_manifest,
                                         [layer.input_means for layer in parsed.layers])
             compensation = {"bias_compensation": {"modules": len(modules)}}
-        recovery = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
         counts = count_parameters(candidate, base_prunable=new_manifest.base.prunable_parameters)
         info = {"params": counts.total, "prunable": counts.prunable,
                 "sparsity": round(counts.structural_sparsity, 6), "summary": describe_actions(actions),
-                "pruner": pruner, **compensation, "recovery": recovery}
+                "pruner": pruner, **compensation}
         return candidate.eval(), new_manifest, info
 
     def recover(self, model: nn.Module, manifest: Manifest, first_changed: int = 0) -> dict | None:

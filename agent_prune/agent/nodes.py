@@ -151,8 +151,11 @@ class LoopNodes:
         iteration = state["iteration"]
         proposal = Proposal.model_validate(state["proposal"])
         profile = read_json(state["profile_path"])
-        base_model, _ = ctx.states.load(Path(state["current"]["dir"]))
-        sizes = [LayerSize(**s) for s in profiling.layer_sizes(base_model)]
+        # No reference to the current model outlives this line: the builder releases it from the cache
+        # before each candidate's refit.
+        current_model = ctx.states.load(Path(state["current"]["dir"]))[0]
+        sizes = [LayerSize(**s) for s in profiling.layer_sizes(current_model)]
+        del current_model
         budget = state["budget"]["params"]
         plans = {}
         if proposal.depth is not None:

@@ -28,7 +28,7 @@ class Scoring:
             ppl_windows=o.eval_windows, probe_questions=o.probe_limit,
             probe_offset=o.final_eval.freebaseqa_limit, kl_windows=o.kl_windows,
             reference_model=r.base.model if o.kl_windows else None,
-            seed=o.seed,
+            seed=o.seed, spill_dir=r.run_dir,  # the KL reference: 200 MB off the run's resident set
         )
 
     def score(self, model: nn.Module) -> dict:

@@ -35,9 +35,8 @@ def build_candidate(ctx: RunContext, current: str, actions: list[dict], profile:
                     pruner: str) -> dict:
     """The info of the candidate built from state ``current`` under ``target``, or ``{"invalid":
     why}`` when its actions cannot be applied to that state."""
-    model, manifest = ctx.states.load(Path(current))
     try:
-        return ctx.builder.build(model, manifest, actions, read_json(profile), Path(target), pruner)
+        return ctx.builder.build(ctx.states, Path(current), actions, read_json(profile), Path(target), pruner)
     except InvalidActionError as exc:
         return {"invalid": exc.one_line()}
 

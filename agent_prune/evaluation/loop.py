@@ -31,7 +31,7 @@ from agent_prune.data.corpora import (
 from agent_prune.data.tasks import freebaseqa_items
 from agent_prune.errors import InputError
 from agent_prune.evaluation import knowledge
-from agent_prune.evaluation.divergence import reference_log_probs, window_kl
+from agent_prune.evaluation.divergence import SpilledLogProbs, reference_log_probs, window_kl
 from agent_prune.evaluation.perplexity import window_nlls
 from agent_prune.evaluation.progress import NO_PROGRESS, Progress
 from agent_prune.evaluation.stats import (
@@ -78,7 +78,9 @@ class LoopEvaluator:
         self, tokenizer, data_dir: Path | None, *, seqlen: int = 512, ppl_windows: int = 16,
         probe_questions: int = 200, probe_offset: int = 300, kl_windows: int = 4,
         reference_model=None, seed: int = 0, batch_size: int = 8, progress: Progress = NO_PROGRESS,
+        spill_dir: Path | None = None,
     ):
+        """``spill_dir``: where the KL reference goes instead of memory (read back a window at a time)."""
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.progress = progress
@@ -92,13 +94,13 @@ class LoopEvaluator:
         distractors = knowledge.draw_distractors(self.probe_items, pool, PROBE_DISTRACTORS, seed)
         self.probe_requests = knowledge.choice_requests(tokenizer, self.probe_items, distractors)
         self.kl_windows: torch.Tensor | None = None
-        self.kl_reference: torch.Tensor | None = None
+        self.kl_reference: torch.Tensor | SpilledLogProbs | None = None
         if reference_model is not None and kl_windows > 0:
             held_aside = c4_documents(data_dir)[-KL_HELD_ASIDE_DOCUMENTS:]
             self.kl_windows = calibration_windows(tokenizer, held_aside, kl_windows, seqlen, seed)
             self.kl_reference = reference_log_probs(
                 reference_model, self.kl_windows, batch_size=self._window_batch,
-                advance=progress.task("reference log-probs", kl_windows))
+                advance=progress.task("reference log-probs", kl_windows), spill_dir=spill_dir)
         key = (f"{seqlen}:{self.ppl_windows.shape[0]}:{probe_offset}:{len(self.probe_items)}:"
                f"{seed}:{kl_windows if self.kl_windows is not None else 0}")
         self.items_key = hashlib.sha256(key.encode()).hexdigest()[:12]

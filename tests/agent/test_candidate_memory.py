@@ -69,3 +69,31 @@ def test_a_run_keeps_one_replayed_state_and_no_candidate(tmp_path):
     assert all("candidates" not in key for key in ctx.states._models)
     assert any(r["event"] == "decision" for r in read_trace(tmp_path / "run" / "trace.jsonl"))
 
+
+
+def test_building_a_candidate_releases_the_current_step_before_its_refit(tmp_path, monkeypatch):
+    """The refit is the build's peak: the current step's model must not sit in the state cache beside
+    the dense model and the candidate then. The candidate built this way equals the one built from a
+    model held throughout, bit for bit."""
+    ctx = RunContext(tiny_run_options(tmp_path))
+    ctx.steps.commit_dense()
+    current = ctx.states.store.step_dir(0)
+    model, manifest = ctx.states.load(current)
+    profile = profile_state(ctx, model, manifest)
+    held, _, held_info = ctx.builder.candidate(model, manifest, ACTIONS["width"], profile)
+    del model
+    cached_at_refit = []
+    recover = ctx.builder.recover
+
+    def spy(*args, **kwargs):
+        cached_at_refit.append(len(ctx.states._models))
+        return recover(*args, **kwargs)
+
+    monkeypatch.setattr(ctx.builder, "recover", spy)
+    target = tmp_path / "candidates" / "width"
+    info = ctx.builder.build(ctx.states, current, ACTIONS["width"], profile, target)
+    assert cached_at_refit == [0]
+    assert without_timing(info["recovery"]) == without_timing(held_info["recovery"])
+    built, _ = ctx.states.replay(target)
+    held_state, built_state = held.state_dict(), built.state_dict()
+    assert all(torch.equal(held_state[key], built_state[key]) for key in held_state)
