@@ -1,0 +1,307 @@
+"""Decoder layers kept off the work device, brought onto it one at a time (``--device-map auto``).
+
+An offloaded layer holds meta tensors of its real shapes, so everything that reads only shapes
+(widths, parameter counts, manifests, surgery plans) works on it unchanged; its values live in a
+*home*: the checkpoint the model was loaded from, a safetensors file under the run's spill folder,
+or host memory (work on a GPU, layers in RAM). :func:`materialized` puts one layer's values on the
+work device for as long as a block runs, and with ``write=True`` saves what the block changed as
+the layer's new home. Forward hooks do the same around every forward pass of the layer, so the
+evaluation code runs an offloaded model as it is, holding one decoder layer's weights at a time.
+
+Homes never change once written: a copy of an offloaded model (``copy.deepcopy``, replay) shares its
+layers' homes and a changed layer gets a new one (copy on write); a file goes when no layer refers to
+it any more. Modules outside the decoder layers (embeddings, final norm, lm_head) stay on the work
+device, and copies share them (:func:`shared_memo`): nothing a run does with an offloaded model
+writes them (distillation, which would, is refused with offloaded layers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from agent_prune.models.adapters import adapter_for
+
+SLOT = "_agent_prune_offload"  # the attribute an offloaded layer carries its Slot in
+
+
+class Home:
+    """One layer's tensors off the work device (never changed once made; copies share it)."""
+
+    def load(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Fresh tensors on ``device``, free to change in place (the home keeps its values)."""
+        raise NotImplementedError
+
+    def __deepcopy__(self, memo) -> Home:
+        return self
+
+
+class MemoryHome(Home):
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def load(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {name: t.to(device, copy=True) for name, t in self.tensors.items()}
+
+
+class FileHome(Home):
+    """A safetensors file of the spill folder, deleted with the last layer that refers to it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        weakref.finalize(self, _unlink, path)
+
+    def load(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return _owned(load_file(self.path, device=str(device)), device)
+
+
+class CheckpointHome(Home):
+    """A layer of the checkpoint the model was loaded from, read through transformers' offload
+    index (accelerate's weights loader); ``names`` are the layer's tensor names, ``prefix`` theirs
+    in the checkpoint."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], prefix: str, names: list[str]):
+        self.weights, self.prefix, self.names = weights, prefix, names
+
+    def load(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return _owned({name: self.weights[self.prefix + name].to(device) for name in self.names}, device)
+
+
+def _owned(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """CPU tensors read from a file map it; a copy gives each layer its own, aligned memory (the
+    same bits whether or not the layer was ever offloaded)."""
+    return {name: t.clone() for name, t in tensors.items()} if device.type == "cpu" else tensors
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
+
+
+class LayerStore:
+    """Where changed layers get their homes: safetensors files in ``folder``, else host memory.
+
+    The folder (and its parent, once empty) is removed with the store, at the latest when the
+    process exits."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self._names = itertools.count()
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            weakref.finalize(self, _remove, folder)
+
+    def save(self, tensors: dict[str, torch.Tensor]) -> Home:
+        cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+        if self.folder is None:
+            return MemoryHome(cpu)
+        path = self.folder / f"{next(self._names):08d}.safetensors"
+        save_file(cpu, path)
+        return FileHome(path)
+
+    def __deepcopy__(self, memo) -> LayerStore:
+        return self
+
+
+def spill_folder(root: Path) -> Path:
+    """This process's spill folder under ``root`` (``RUN_DIR/offload``); folders of processes that
+    are gone (a crashed run, before its resume) are removed."""
+    if root.is_dir():
+        for stale in root.iterdir():
+            if stale.name.isdigit() and not _alive(int(stale.name)):
+                shutil.rmtree(stale, ignore_errors=True)
+    return root / str(os.getpid())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(eq=False)
+class Slot:
+    """An offloaded layer's home, its store and work device, and how deep it is materialised."""
+
+    home: Home
+    store: LayerStore
+    device: torch.device
+    depth: int = 0
+    dirty: bool = False
+
+    def __deepcopy__(self, memo) -> Slot:
+        if self.depth:
+            raise RuntimeError("an offloaded layer was copied while materialised "
+                               "(copy it outside materialized())")
+        return Slot(self.home, self.store, self.device)
+
+
+def slot_of(layer: nn.Module) -> Slot | None:
+    return layer.__dict__.get(SLOT)
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether any decoder layer of ``model`` lives off the work device."""
+    return any(SLOT in module.__dict__ for module in model.modules())
+
+
+def _names(layer: nn.Module) -> list[str]:
+    return list(layer.state_dict(keep_vars=True))
+
+
+def _fill(layer: nn.Module, values: dict[str, torch.Tensor], device: torch.device) -> None:
+    names = _names(layer)
+    if sorted(names) != sorted(values):
+        raise RuntimeError(f"an offloaded layer's home holds {sorted(values)[:3]}..., "
+                           f"the layer {names[:3]}...")
+    for name in names:
+        _set(layer, name, values[name].to(device))
+
+
+def _drop(layer: nn.Module) -> None:
+    for name, tensor in layer.state_dict(keep_vars=True).items():
+        _set(layer, name, tensor.detach().to("meta"))
+
+
+def _set(layer: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the tensor ``name`` of ``layer`` (same shape; a parameter keeps
+    its ``requires_grad``)."""
+    owner, _, leaf = name.rpartition(".")
+    module = layer.get_submodule(owner)
+    old = module._parameters.get(leaf, module._buffers.get(leaf))
+    if old.shape != value.shape:
+        raise RuntimeError(f"an offloaded layer's {name} is {tuple(value.shape)} in its home, "
+                           f"{tuple(old.shape)} in the layer")
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def _enter(layer: nn.Module, write: bool = False, device: torch.device | None = None) -> None:
+    slot = slot_of(layer)
+    if slot.depth == 0:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, even inside inference mode
+            _fill(layer, slot.home.load(device or slot.device), device or slot.device)
+    slot.depth += 1
+    slot.dirty = slot.dirty or write
+
+
+def _exit(layer: nn.Module) -> None:
+    slot = slot_of(layer)
+    slot.depth -= 1
+    if slot.depth:
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        if slot.dirty:
+            slot.home, slot.dirty = slot.store.save(layer.state_dict()), False
+        _drop(layer)
+
+
+@contextlib.contextmanager
+def materialized(layer: nn.Module, write: bool = False, device: torch.device | None = None
+                 ) -> Iterator[nn.Module]:
+    """``layer`` with its values on the work device (or ``device``) inside the block; with
+    ``write``, what the block changed becomes the layer's home. A no-op for a layer that is not
+    offloaded; nested blocks load and save once."""
+    if slot_of(layer) is None:
+        yield layer
+        return
+    _enter(layer, write, device)
+    try:
+        yield layer
+    finally:
+        _exit(layer)
+
+
+def _before_forward(layer: nn.Module, args) -> None:
+    _enter(layer)
+
+
+def _after_forward(layer: nn.Module, args, output) -> None:
+    _exit(layer)
+
+
+def _adopt(layer: nn.Module, home: Home, store: LayerStore, device: torch.device) -> None:
+    _drop(layer)
+    setattr(layer, SLOT, Slot(home, store, device))
+    layer.register_forward_pre_hook(_before_forward)
+    layer.register_forward_hook(_after_forward, always_call=True)
+
+
+def offload_layers(model: nn.Module, store: LayerStore, device: torch.device) -> None:
+    """Give every decoder layer of ``model`` (held whole) a home in ``store``; they run on ``device``."""
+    with torch.no_grad():
+        for layer in adapter_for(model).layers():
+            _adopt(layer, store.save(layer.state_dict()), store, device)
+
+
+def adopt_checkpoint_layers(model: nn.Module, store: LayerStore, device: torch.device) -> None:
+    """Take over the decoder layers that transformers left on "disk" (``from_pretrained`` with a
+    device map): each reads its values from the checkpoint (or, with a host-memory store, is read
+    once into RAM); accelerate's hooks and the device map are removed."""
+    from accelerate.hooks import remove_hook_from_module
+
+    adapter = adapter_for(model)
+    layers, homes = adapter.layers(), []
+    for index, layer in enumerate(layers):
+        home = CheckpointHome(_offload_index(layer), adapter.layer_key_prefix(index), _names(layer))
+        homes.append(home if store.folder is not None else store.save(home.load(torch.device("cpu"))))
+    remove_hook_from_module(model, recurse=True)
+    model.__dict__.pop("hf_device_map", None)
+    for layer, home in zip(layers, homes):
+        _adopt(layer, home, store, device)
+
+
+def _offload_index(layer: nn.Module) -> Mapping[str, torch.Tensor]:
+    """The weights loader behind the accelerate hooks of a layer transformers offloaded."""
+    for module in layer.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "offload", False) and hook.weights_map is not None:
+            return getattr(hook.weights_map, "dataset", hook.weights_map)
+    raise RuntimeError("transformers left a decoder layer without its offload index")
+
+
+def shared_memo(model: nn.Module) -> dict[int, object]:
+    """A ``copy.deepcopy`` memo under which a copy of an offloaded model shares the tensors outside
+    its decoder layers (empty, so nothing is shared, for a model held whole)."""
+    if not is_offloaded(model):
+        return {}
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return {id(t): t for t in tensors if t.device.type != "meta"}
+
+
+def state_items(model: nn.Module, prefixes: Mapping[str, nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model.state_dict().items()`` with real values: the layer each ``prefix`` names (e.g.
+    ``model.layers.3.``) is materialised while its entries are read, one layer at a time."""
+    state = model.state_dict()
+    done: set[str] = set()
+    for name, tensor in state.items():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None or slot_of(prefixes[prefix]) is None:
+            yield name, tensor
+        elif prefix not in done:
+            done.add(prefix)
+            with materialized(prefixes[prefix]) as layer:
+                values = {prefix + key: value for key, value in layer.state_dict().items()}
+            yield from ((key, values[key]) for key in state if key.startswith(prefix))
