@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,7 +40,9 @@ class Home:
     """One layer's tensors off the work device (never changed once made; copies share it)."""
 
     def load(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """Fresh tensors on ``device``, free to change in place (the home keeps its values)."""
+        """Tensors on ``device``, free to change in place: the home keeps its values (a file is
+        mapped copy-on-write on the CPU, which costs no copy; a forward reads it straight from the
+        page cache)."""
         raise NotImplementedError
 
     def __deepcopy__(self, memo) -> Home:
@@ -62,25 +65,24 @@ class FileHome(Home):
         weakref.finalize(self, _unlink, path)
 
     def load(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return _owned(load_file(self.path, device=str(device)), device)
+        return load_file(self.path, device=str(device))
 
 
 class CheckpointHome(Home):
-    """A layer of the checkpoint the model was loaded from, read through transformers' offload
-    index (accelerate's weights loader); ``names`` are the layer's tensor names, ``prefix`` theirs
-    in the checkpoint."""
+    """A layer of the safetensors checkpoint the model was loaded from: per tensor name, the file,
+    the tensor's name in it and the dtype it loads as (from transformers' offload index)."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], prefix: str, names: list[str]):
-        self.weights, self.prefix, self.names = weights, prefix, names
+    def __init__(self, tensors: dict[str, tuple[str, str, torch.dtype | None]]):
+        self.tensors = tensors
 
     def load(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return _owned({name: self.weights[self.prefix + name].to(device) for name in self.names}, device)
-
-
-def _owned(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """CPU tensors read from a file map it; a copy gives each layer its own, aligned memory (the
-    same bits whether or not the layer was ever offloaded)."""
-    return {name: t.clone() for name, t in tensors.items()} if device.type == "cpu" else tensors
+        out = {}
+        for path in {path for path, _, _ in self.tensors.values()}:  # each file opened once
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for name, (file, key, dtype) in self.tensors.items():
+                    if file == path:
+                        out[name] = f.get_tensor(key) if dtype is None else f.get_tensor(key).to(dtype)
+        return out
 
 
 def _unlink(path: Path) -> None:
@@ -265,12 +267,28 @@ def adopt_checkpoint_layers(model: nn.Module, store: LayerStore, device: torch.d
     adapter = adapter_for(model)
     layers, homes = adapter.layers(), []
     for index, layer in enumerate(layers):
-        home = CheckpointHome(_offload_index(layer), adapter.layer_key_prefix(index), _names(layer))
-        homes.append(home if store.folder is not None else store.save(home.load(torch.device("cpu"))))
+        found = _checkpoint_home(_offload_index(layer), adapter.layer_key_prefix(index), _names(layer))
+        if isinstance(found, CheckpointHome) and store.folder is not None:
+            homes.append(found)
+        else:  # a host-memory store, or values transformers copied out of another format: keep them
+            homes.append(store.save(found.load(torch.device("cpu")) if isinstance(found, Home) else found))
     remove_hook_from_module(model, recurse=True)
     model.__dict__.pop("hf_device_map", None)
     for layer, home in zip(layers, homes):
         _adopt(layer, home, store, device)
+
+
+def _checkpoint_home(weights: Mapping[str, torch.Tensor], prefix: str, names: list[str]
+                     ) -> CheckpointHome | dict[str, torch.Tensor]:
+    """Where in the checkpoint a layer's tensors are, or (for offload files transformers wrote
+    itself, from a checkpoint that is not safetensors) the layer's values."""
+    index = getattr(weights, "index", {})
+    entries = {name: index.get(prefix + name, {}) for name in names}
+    if all("safetensors_file" in entry for entry in entries.values()):
+        return CheckpointHome({name: (entry["safetensors_file"], entry.get("weight_name", prefix + name),
+                                      getattr(torch, entry["dtype"]) if "dtype" in entry else None)
+                               for name, entry in entries.items()})
+    return {name: weights[prefix + name] for name in names}
 
 
 def _offload_index(layer: nn.Module) -> Mapping[str, torch.Tensor]:
