@@ -8,6 +8,7 @@ from agent_prune.agent.session import start_run
 from agent_prune.agent.trace import read_trace
 from agent_prune.errors import InputError
 from agent_prune.io import read_json
+from agent_prune.models import offload
 from tests.agent.loop_fixtures import tiny_run_options
 
 CAP = {"cpu": "300KiB"}  # below the tiny 6-layer model, above its embeddings, lm_head and one layer
@@ -30,11 +31,33 @@ def figures(path) -> dict:
             for task, result in read_json(path).items()}
 
 
+def count_real_layers(monkeypatch) -> tuple[set, list]:
+    """The decoder layers that hold real values now, and the most there were at once (counted where
+    offload brings a layer in and drops it)."""
+    real, most = set(), [0]
+    fill, drop = offload._fill, offload._drop
+
+    def counted_fill(layer, values, device):
+        fill(layer, values, device)
+        real.add(id(layer))
+        most[0] = max(most[0], len(real))
+
+    def counted_drop(layer):
+        drop(layer)
+        real.discard(id(layer))
+
+    monkeypatch.setattr(offload, "_fill", counted_fill)
+    monkeypatch.setattr(offload, "_drop", counted_drop)
+    return real, most
+
+
 def test_an_offloaded_run_takes_the_same_steps_and_exports_the_same_bytes(tmp_path, monkeypatch):
     monkeypatch.setenv("AGENT_PRUNE_EVAL_CACHE", "off")  # each run measures the dense model itself
     held = start_run(tiny_run_options(tmp_path, out=str(tmp_path / "held")))
+    real, most = count_real_layers(monkeypatch)
     offloaded = start_run(tiny_run_options(tmp_path, out=str(tmp_path / "off"), device_map="auto",
                                            max_memory=CAP))
+    assert most == [2] and not real  # by construction: a candidate's layer and its dense one in the refit
     assert held["status"] == offloaded["status"] == "target_reached"
     assert (held["accepted_steps"], held["sparsity"]) == (offloaded["accepted_steps"], offloaded["sparsity"])
     runs = [tmp_path / "held", tmp_path / "off"]
