@@ -16,7 +16,6 @@ from agent_prune.models.adapters import adapter_for
 from agent_prune.models.export import export_model
 from agent_prune.models.loading import OffloadRequest, load_model
 from agent_prune.models.offload import (
-    LayerStore,
     is_offloaded,
     materialized,
     offload_layers,
@@ -24,6 +23,7 @@ from agent_prune.models.offload import (
     slot_of,
     state_items,
 )
+from agent_prune.models.offload_homes import LayerStore
 from agent_prune.recovery import reconstruct
 from agent_prune.recovery.bias import compensate_biases
 from agent_prune.sensitivity import profile_model

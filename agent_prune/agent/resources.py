@@ -48,7 +48,7 @@ class RunResources:
     @cached_property
     def base(self):
         from agent_prune.models.loading import OffloadRequest, load_model
-        from agent_prune.models.offload import spill_folder
+        from agent_prune.models.offload_homes import spill_folder
 
         o = self.options
         self.reporter.finishing("loading model")

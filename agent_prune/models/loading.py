@@ -172,7 +172,8 @@ def _load_offloaded(source: ModelSource, device: torch.device, dtype: torch.dtyp
                     request: OffloadRequest) -> LoadedModel | None:
     """The model with its decoder layers off ``device`` (reading the checkpoint lazily), or None
     when it fits. A ``.gguf`` without its dense cache is dequantised whole first."""
-    from agent_prune.models.offload import LayerStore, adopt_checkpoint_layers, offload_layers
+    from agent_prune.models.offload import adopt_checkpoint_layers, offload_layers
+    from agent_prune.models.offload_homes import LayerStore
     from agent_prune.models.placement import layer_device_map, layer_home
 
     if source.kind == "export":
