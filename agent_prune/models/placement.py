@@ -20,7 +20,6 @@ from torch import nn
 
 from agent_prune.errors import InputError
 
-DEVICE_MAPS = ("auto",)
 SIZE_HINT = "give a size such as 300MiB, 20GiB or 2GB"
 
 
