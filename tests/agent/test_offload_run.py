@@ -81,3 +81,13 @@ def test_what_needs_the_whole_model_is_refused_when_it_is_offloaded(tmp_path, op
     with pytest.raises(InputError, match=words) as info:
         start_run(options)
     assert "raise --max-memory" in info.value.one_line()
+
+
+def test_two_workers_offload_their_own_models_and_decide_alike(tmp_path):
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"workers-{workers}"
+        start_run(tiny_run_options(tmp_path, out=str(out), device_map="auto", max_memory=CAP, workers=workers,
+                                   candidate_threads=1, final_eval={"windows": 0, "speed": False}))
+        runs[workers] = (decisions(out), signals(out), (out / "model" / "model.safetensors").read_bytes())
+    assert runs[1] == runs[2]
