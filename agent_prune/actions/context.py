@@ -12,6 +12,7 @@ from agent_prune.actions.manifest import LayerRecord, Manifest
 from agent_prune.actions.selection import OriginScores, Protected, weight_magnitude_scores
 from agent_prune.errors import InvalidActionError
 from agent_prune.models.adapters import FamilyAdapter
+from agent_prune.models.offload import materialized
 
 # Which axis of each projection is cut into which structure (the other axis is the hidden size).
 UNIT_AXES = {
@@ -66,7 +67,8 @@ class ApplyContext:
             return self.given_scores[source][kind], "profile"
         if source not in self._fallback:
             record = next(r for r in self.start.layers if r.source == source)
-            values = weight_magnitude_scores(self.adapter, self.layer_of_source(source))
+            with materialized(self.layer_of_source(source)) as layer:
+                values = weight_magnitude_scores(self.adapter, layer)
             self._fallback[source] = {
                 kind: dict(zip(getattr(record, "kv_heads" if kind == "kv_groups" else kind), per_unit))
                 for kind, per_unit in values.items()

@@ -12,6 +12,7 @@ Index lists serialise to compact range strings ("0-511,513-1535") so manifests s
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 import torch
@@ -30,6 +31,7 @@ from agent_prune.actions.schema import Action
 from agent_prune.errors import InputError
 from agent_prune.models.accounting import prunable_parameters
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.offload import is_offloaded, materialized
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "agent_prune_manifest.json"
@@ -257,20 +259,34 @@ def _resolve_module(adapter: FamilyAdapter, manifest: Manifest, key: str) -> nn.
     return adapter.layers()[positions[int(source)]].get_submodule(path)
 
 
-def _side_params(adapter: FamilyAdapter, manifest: Manifest):
-    """``(tensor key, parameter, is_mask)`` for every side tensor of ``manifest`` in this model."""
+def _side_params(adapter: FamilyAdapter, manifest: Manifest, keys: set[str] | None = None):
+    """``(tensor key, parameter, is_mask)`` for every side tensor of ``manifest`` in this model (of
+    the module keys ``keys`` only, when given)."""
     for key in manifest.overridden:
-        for name, param in _resolve_module(adapter, manifest, key).named_parameters(recurse=False):
-            yield f"{key}.{name}", param, False
+        if keys is None or key in keys:
+            for name, param in _resolve_module(adapter, manifest, key).named_parameters(recurse=False):
+                yield f"{key}.{name}", param, False
     for key in manifest.masked:
-        if key not in manifest.overridden:  # an override already holds the zeros
+        if key not in manifest.overridden and (keys is None or key in keys):  # an override holds the zeros
             yield f"{key}.weight{MASK_SUFFIX}", _resolve_module(adapter, manifest, key).weight, True
 
 
-def _add_saved_biases(adapter: FamilyAdapter, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
-    """Give each overridden linear that has a saved bias and no bias of its own a zero one to restore
-    it into: bias compensation adds biases where the base model's projections have none."""
-    for key in manifest.overridden:
+def _side_groups(adapter: FamilyAdapter, manifest: Manifest) -> list[tuple[nn.Module | None, set[str]]]:
+    """The module keys with side tensors, grouped by the decoder layer that holds them (None: outside
+    the layers), so an offloaded layer is brought in once for all of its keys."""
+    positions = {f"L{record.source}.": i for i, record in enumerate(manifest.layers)}
+    groups: dict[int | None, set[str]] = {}
+    for key in [*manifest.overridden, *manifest.masked]:
+        groups.setdefault(positions.get(key[: key.find(".") + 1]), set()).add(key)
+    layers = adapter.layers()
+    return [(None if position is None else layers[position], keys) for position, keys in groups.items()]
+
+
+def _add_saved_biases(adapter: FamilyAdapter, manifest: Manifest, tensors: dict[str, torch.Tensor],
+                      keys: set[str]) -> None:
+    """Give each overridden linear (of ``keys``) that has a saved bias and no bias of its own a zero
+    one to restore it into: bias compensation adds biases where the base model's projections have none."""
+    for key in (k for k in manifest.overridden if k in keys):
         module = _resolve_module(adapter, manifest, key)
         if f"{key}.bias" in tensors and isinstance(module, nn.Linear) and module.bias is None:
             module.bias = nn.Parameter(module.weight.new_zeros(module.out_features),
@@ -283,10 +299,15 @@ def side_tensors(model: nn.Module, manifest: Manifest) -> dict[str, torch.Tensor
     ``{"L12.mlp.down_proj.weight": values, "L3.self_attn.q_proj.weight.mask": bool keep-mask, ...}``
     (CPU, contiguous; save with safetensors).
     """
-    return {
-        key: ((param.detach() != 0) if is_mask else param.detach()).to("cpu", copy=True).contiguous()
-        for key, param, is_mask in _side_params(adapter_for(model), manifest)
-    }
+    adapter = adapter_for(model)
+    values = {}
+    for layer, keys in _side_groups(adapter, manifest):
+        with materialized(layer) if layer is not None else contextlib.nullcontext():
+            values.update({
+                key: ((param.detach() != 0) if is_mask else param.detach()).to("cpu", copy=True).contiguous()
+                for key, param, is_mask in _side_params(adapter, manifest, keys)
+            })
+    return {key: values[key] for key, _, _ in _side_params(adapter, manifest)}
 
 
 def replay(base_model: nn.Module, manifest: Manifest, tensors: dict[str, torch.Tensor] | None = None
@@ -303,20 +324,30 @@ def replay(base_model: nn.Module, manifest: Manifest, tensors: dict[str, torch.T
     tensors = tensors or {}
     model = restructured_copy(base_model, dense_manifest(base_model).layers, manifest.layers)
     adapter = adapter_for(model)
-    _add_saved_biases(adapter, manifest, tensors)
-    side = list(_side_params(adapter, manifest))
-    if missing := [key for key, _, _ in side if key not in tensors]:
+    if missing := [key for key, _, _ in _side_params(adapter, manifest) if key not in tensors]:
         raise InputError(f"replay needs side tensors the caller did not pass: {', '.join(missing[:3])}"
                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""),
                          "pass tensors=side_tensors(pruned_model, manifest) (or the checkpoint's copy)")
-    with torch.no_grad():
-        for key, param, is_mask in side:  # an overridden module brings no mask tensor
-            value = tensors[key]
-            if value.shape != param.shape:
-                raise InputError(f"side tensor {key} has shape {tuple(value.shape)}, the model needs "
-                                 f"{tuple(param.shape)}", "pass the tensors saved with this manifest")
-            if is_mask:
-                param.masked_fill_(~value.to(param.device, torch.bool), 0)
-            else:
-                param.copy_(value.to(param.device, param.dtype))
+    for layer, keys in _side_groups(adapter, manifest):
+        if layer is None and is_offloaded(model):  # the copy shares those modules with the base model
+            raise InputError(f"side tensors outside the decoder layers ({sorted(keys)[0]}) cannot be "
+                             "replayed onto an offloaded model", "replay it without --device-map")
+        with materialized(layer, write=True) if layer is not None else contextlib.nullcontext():
+            _add_saved_biases(adapter, manifest, tensors, keys)
+            _restore(adapter, manifest, tensors, keys)
     return model
+
+
+@torch.no_grad()
+def _restore(adapter: FamilyAdapter, manifest: Manifest, tensors: dict[str, torch.Tensor], keys: set[str]
+             ) -> None:
+    """Copy the saved overrides and apply the saved masks of the module keys ``keys``."""
+    for key, param, is_mask in _side_params(adapter, manifest, keys):  # an override brings no mask
+        value = tensors[key]
+        if value.shape != param.shape:
+            raise InputError(f"side tensor {key} has shape {tuple(value.shape)}, the model needs "
+                             f"{tuple(param.shape)}", "pass the tensors saved with this manifest")
+        if is_mask:
+            param.masked_fill_(~value.to(param.device, torch.bool), 0)
+        else:
+            param.copy_(value.to(param.device, param.dtype))

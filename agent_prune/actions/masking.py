@@ -16,6 +16,7 @@ from agent_prune.actions.schema import MaskSparsity
 from agent_prune.actions.structural import FORCE_HINT, check_layer
 from agent_prune.actions.surgery import positions_within
 from agent_prune.errors import InvalidActionError
+from agent_prune.models.offload import materialized
 
 
 def _input_features(role: str, record: LayerRecord, head_dim: int, hidden: int) -> int:
@@ -76,7 +77,7 @@ def execute_mask(action: MaskSparsity, before: Manifest, after: Manifest, ctx: A
     layer = ctx.adapter.layers()[action.layer]
     record = before.layers[action.layer]
     zeroed = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), materialized(layer, write=True):
         for name, role in projection_roles(ctx.adapter, layer).items():
             weight = ctx.adapter.linear_modules(layer)[name].weight
             scores = wanda_scores(weight, _norms(ctx, record, name, role))

@@ -19,6 +19,7 @@ from torch import nn
 
 from agent_prune.actions.manifest import LayerRecord
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.offload import materialized, shared_memo
 
 
 def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None,
@@ -95,11 +96,18 @@ def restructure_layer(adapter: FamilyAdapter, layer: nn.Module, old: LayerRecord
         prune_mlp(adapter, layer, positions_within(new.mlp_channels, old.mlp_channels))
 
 
+def cut_layer(adapter: FamilyAdapter, layer: nn.Module, old: LayerRecord, new: LayerRecord) -> None:
+    """:func:`restructure_layer`, on the layer's values where it is offloaded (untouched if unchanged)."""
+    if old != new:
+        with materialized(layer, write=True):
+            restructure_layer(adapter, layer, old, new)
+
+
 def restructure(adapter: FamilyAdapter, old: list[LayerRecord], new: list[LayerRecord]) -> None:
     """Turn a model shaped like records ``old`` into one shaped like ``new`` (a subset of it)."""
     keep = _kept_positions(old, new)
     for position, record in zip(keep, new):
-        restructure_layer(adapter, adapter.layers()[position], old[position], record)
+        cut_layer(adapter, adapter.layers()[position], old[position], record)
     _finish(adapter, keep, len(old))
 
 
@@ -109,12 +117,12 @@ def restructured_copy(model: nn.Module, old: list[LayerRecord], new: list[LayerR
     Equals ``restructure`` on ``copy.deepcopy(model)`` but copies one decoder layer at a time and cuts
     it before copying the next, and never copies removed layers: the transient is one layer, not a
     second whole model. One deepcopy memo serves every part, so the parts share one config as a
-    whole-model deepcopy would.
+    whole-model deepcopy would (and, for an offloaded model, the modules outside its layers).
     """
     keep = _kept_positions(old, new)
     layers = adapter_for(model).layers()
     copied = nn.ModuleList()
-    memo = {id(layers): copied}  # the copy gets an empty layer list, filled below
+    memo = {**shared_memo(model), id(layers): copied}  # the copy's layer list is filled below
     result = copy.deepcopy(model, memo)
     adapter = adapter_for(result)
     kept = dict(zip(keep, new))
@@ -123,7 +131,7 @@ def restructured_copy(model: nn.Module, old: list[LayerRecord], new: list[LayerR
             copied.append(nn.Identity())  # dropped by _finish; never copied
             continue
         layer_copy = copy.deepcopy(layer, memo)
-        restructure_layer(adapter, layer_copy, old[position], kept[position])
+        cut_layer(adapter, layer_copy, old[position], kept[position])
         copied.append(layer_copy)
     _finish(adapter, keep, len(old))
     return result

@@ -11,6 +11,7 @@ from torch import nn
 from agent_prune.actions import Manifest
 from agent_prune.agent.resources import RunResources
 from agent_prune.agent.states import ModelStates, save_state
+from agent_prune.models.offload import shared_memo
 
 
 def first_changed_layer(actions: list[dict]) -> int:
@@ -58,7 +59,7 @@ class CandidateBuilder:
         from agent_prune.models.accounting import count_parameters
         from agent_prune.sensitivity.schema import STRUCTURE_FIELDS, SensitivityProfile
 
-        candidate = copy.deepcopy(model)
+        candidate = copy.deepcopy(model, shared_memo(model))
         parsed = SensitivityProfile.model_validate(profile)
         if getattr(parsed.layers[0], STRUCTURE_FIELDS[pruner]) is None:
             pruner = "l2"  # e.g. taylor from a profile without gradients; the record says so

@@ -51,7 +51,10 @@ class FinalReport:
         if spec.windows > 0 and spec.tasks:
             final["evaluation"] = {"dense": self.evaluation(r.base.model, "dense"),
                                    "pruned": self.evaluation(model, f"step-{best:04d}")}
-        if spec.speed:
+        if spec.speed and r.base.offload is not None:
+            r.reporter.warn(f"no speed measurement: the decoder layers are offloaded ({r.base.offload})")
+            final["speed_skipped"] = f"decoder layers offloaded ({r.base.offload})"
+        elif spec.speed:
             dense_gguf = final["gguf"]["dense"] if self.gguf else None
             final.update(self.speed(model, dense_gguf, export_path))
         return final

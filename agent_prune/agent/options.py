@@ -107,6 +107,15 @@ class RunOptions(BaseModel):
     seed: int = 0
     data_dir: str | None = None
     device: str = "cpu"
+    device_map: Literal["auto"] | None = Field(
+        None, description="auto: accelerate's infer_auto_device_map decides from max_memory whether the "
+                          "model fits `device`; if not, the decoder layers of every model the run holds "
+                          "stay off it (in RAM for a GPU run whose map stays there, else in safetensors "
+                          "files under RUN_DIR/offload) and run on it one layer at a time "
+                          "(agent_prune.models.placement). None: everything on `device`")
+    max_memory: dict[str, str] | None = Field(
+        None, description="caps per device in accelerate's keys and sizes, e.g. {cpu = \"300MiB\", 0 = "
+                          "\"20GiB\"} (with device_map auto; default: what is free on the device and in RAM)")
     workers: int = Field(1, ge=1, description="processes that build and score a step's candidates side by "
                                               "side (agent_prune.agent.workers), each loading the model "
                                               "once; 1: the run's own process, one candidate after the "
@@ -138,6 +147,25 @@ class RunOptions(BaseModel):
         if any(d.split(":")[0] != kind for d in devices):
             raise ValueError(f"worker devices {devices} are not all of the run's device kind ({kind})")
         return self
+
+    @model_validator(mode="after")
+    def _caps_with_a_map(self) -> RunOptions:
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory caps devices for device_map auto (give --device-map auto)")
+        return self
+
+    @field_validator("max_memory")
+    @classmethod
+    def _readable_caps(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        from agent_prune.errors import InputError
+        from agent_prune.models.placement import memory_caps
+
+        if value is not None:
+            try:
+                memory_caps(value)
+            except InputError as exc:
+                raise ValueError(exc.one_line()) from None
+        return value
 
     @field_validator("branches")
     @classmethod

@@ -25,6 +25,18 @@ def planner_settings(options: RunOptions) -> dict:
     return settings
 
 
+def check_offloadable(options: RunOptions, where: str) -> None:
+    """Refuse what cannot run with the decoder layers offloaded (to ``where``) rather than load the
+    model whole for it."""
+    if options.recovery == "distill":
+        raise InputError(f"the model does not fit {options.device} (its layers go to {where}), and "
+                         "distillation healing trains all layers at once",
+                         "use --recovery reconstruct or none, or raise --max-memory")
+    if options.export_format == "gguf":
+        raise InputError(f"the model does not fit {options.device} (its layers go to {where}), and the GGUF "
+                         "export needs it whole", "export hf, or raise --max-memory")
+
+
 class RunResources:
     def __init__(self, options: RunOptions, reporter: Reporter | None = None):
         self.options = options
@@ -35,10 +47,18 @@ class RunResources:
     # Built on first use: resume, export and the Python API open a run without all of them.
     @cached_property
     def base(self):
-        from agent_prune.models.loading import load_model
+        from agent_prune.models.loading import OffloadRequest, load_model
+        from agent_prune.models.offload_homes import spill_folder
 
+        o = self.options
         self.reporter.finishing("loading model")
-        return load_model(self.options.model, device=self.options.device, dtype=self.options.dtype)
+        offload = None
+        if o.device_map is not None:
+            offload = OffloadRequest(o.max_memory, spill_folder(self.run_dir / "offload"))
+        loaded = load_model(o.model, device=o.device, dtype=o.dtype, offload=offload)
+        if loaded.offload is not None:
+            check_offloadable(o, loaded.offload)
+        return loaded
 
     @cached_property
     def data_dir(self):

@@ -27,8 +27,10 @@ class Steps:
         from agent_prune.models.accounting import count_parameters
 
         r, store = self.resources, self.states.store
-        with r.trace.measure("phase", phase="load model"):
+        with r.trace.measure("phase", phase="load model") as fields:
             base = r.base
+            if base.offload is not None:
+                fields["offload"] = base.offload
         step_dir = store.step_dir(0)
         if not (step_dir / "signals.json").is_file():
             manifest = dense_manifest(base.model, fingerprint=base.source.fingerprint())

@@ -28,7 +28,7 @@ FLAG_FIELDS = (
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
     "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
     "data_dir", "device", "dtype", "profile_gradients", "profile_hessians", "export_format", "export_quant",
-    "width_multiple", "uniform_width", "workers", "candidate_threads",
+    "width_multiple", "uniform_width", "workers", "candidate_threads", "device_map",
 )
 GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
               "min_probe_accuracy_ratio": float}
@@ -101,6 +101,15 @@ def add_run_args(parser) -> None:
                              "wikitext2,freebaseqa,arc_easy,speed; config key report_tasks)")
     add_data_args(parser)
     parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--device-map", choices=("auto",),
+                        help="auto: when the model does not fit --device under --max-memory (accelerate's "
+                             "infer_auto_device_map), keep the decoder layers off it, in RAM or on disk "
+                             "under RUN_DIR/offload, and run them one at a time (decisions and export "
+                             "unchanged; no speed measurement, no --recovery distill, no GGUF export)")
+    parser.add_argument("--max-memory", metavar="LIST",
+                        help="caps per device for --device-map auto, accelerate's keys and sizes: "
+                             "cpu=300MiB,0=20GiB (default what is free); on a CPU-only machine a cpu cap "
+                             "below the model spills its layers to disk")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="build and score a step's candidates in N worker processes side by side, "
                              "each loading the model once (default 1: in the run's own process); the "
@@ -130,6 +139,10 @@ def options_from_args(args):
                                      **parse_key_values(args.planner_option)}
     if args.branches:
         values["branches"] = [b.strip() for b in args.branches.split(",") if b.strip()]
+    if getattr(args, "max_memory", None):
+        from agent_prune.models.placement import parse_max_memory
+
+        values["max_memory"] = parse_max_memory(args.max_memory)
     if getattr(args, "worker_devices", None):
         values["worker_devices"] = [d.strip() for d in args.worker_devices.split(",") if d.strip()]
     gates = dict(values.get("gates", {}))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.offload import materialized
 
 
 class ParameterCounts(BaseModel):
@@ -63,7 +64,10 @@ def count_parameters(model: nn.Module, base_prunable: int | None = None) -> Para
     adapter = adapter_for(model)
     weights = prunable_weights(adapter)
     prunable = sum(w.numel() for w in weights)
-    zeros = sum(int((w == 0).sum()) for w in weights)
+    zeros = 0
+    for layer in adapter.layers():  # an offloaded layer's values are read one layer at a time
+        with materialized(layer):
+            zeros += sum(int((m.weight == 0).sum()) for m in adapter.linear_modules(layer).values())
     return ParameterCounts(
         total=total_parameters(model),
         prunable=prunable,

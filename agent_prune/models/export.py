@@ -38,8 +38,10 @@ from agent_prune.actions.manifest import MANIFEST_FILE, Manifest, check_model_ma
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_class_for, adapter_for
 from agent_prune.models.loading import _first_line, _quiet_transformers, clean_config
+from agent_prune.models.offload import is_offloaded
 
 MODELING_FILE = "modeling_agent_prune.py"
+MAX_SHARD_BYTES = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB")
 WIDTHS_KEY = "agent_prune_layer_widths"
 BIASES_KEY = "agent_prune_layer_biases"
 _TEMPLATE = "modeling_agent_prune.py.tmpl"
@@ -166,8 +168,11 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: Man
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        with _quiet_transformers():
-            fresh.save_pretrained(tmp)
+        if is_offloaded(model):
+            save_offloaded(fresh, model, tmp)
+        else:
+            with _quiet_transformers():
+                fresh.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if custom:
@@ -182,6 +187,44 @@ def export_model(model: nn.Module, tokenizer, out_dir: str | Path, manifest: Man
         loads_with="AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" if custom
         else "AutoModelForCausalLM.from_pretrained(path)",
     )
+
+
+def save_offloaded(fresh: nn.Module, model: nn.Module, folder: Path) -> None:
+    """``fresh.save_pretrained(folder)`` for a ``fresh`` built from an offloaded ``model`` (its
+    decoder layers meta): transformers writes the config and the resident tensors, then the weights
+    file is written again with every layer's tensors, one layer in memory at a time. The same bytes
+    as saving the model held whole (tests compare); a model that transformers would shard is refused."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    from agent_prune.models.offload import materialized
+    from agent_prune.models.streamed_safetensors import write_streamed
+
+    state = fresh.state_dict()
+    offloaded = {name: t for name, t in state.items() if t.device.type == "meta"}
+    with _quiet_transformers():  # transformers drops tied duplicates from what it writes
+        fresh.save_pretrained(folder, state_dict={n: t for n, t in state.items() if n not in offloaded})
+    path = folder / SAFE_WEIGHTS_NAME
+    with safe_open(path, framework="pt") as f:
+        kept = list(f.keys())
+    entries = {name: (state[name].dtype, tuple(state[name].shape)) for name in [*kept, *offloaded]}
+    total = sum(torch.Size(shape).numel() * dtype.itemsize for dtype, shape in entries.values())
+    if total > MAX_SHARD_BYTES:
+        raise InputError(f"an offloaded export writes one weights file; this model's {total / 1e9:.0f} GB "
+                         "would be sharded", "export it from a machine that holds it (agent-prune export)")
+    adapter = adapter_for(model)
+
+    def tensors():
+        yield from ((name, state[name]) for name in kept)
+        for index, layer in enumerate(adapter.layers()):
+            prefix = adapter.layer_key_prefix(index)
+            with materialized(layer):
+                values = {prefix + name: t for name, t in layer.state_dict().items()}
+            for name in (n for n in offloaded if n.startswith(prefix)):  # zeros: with_zero_biases
+                dtype, shape = entries[name]
+                yield name, values[name] if name in values else torch.zeros(shape, dtype=dtype)
+
+    write_streamed(path, entries, {"format": "pt"}, tensors())
 
 
 def _check_target(out: Path) -> None:
@@ -216,22 +259,32 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32):
+def export_class(path: str | Path) -> tuple[object, type]:
+    """An export's config and the class that builds it (the packaged modeling code for per-layer
+    widths or biases, else the stock class)."""
+    from transformers import AutoConfig
+
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(path)
+    return config, pruned_class(stock_class(config)) if needs_modeling_code(config) else stock_class(config)
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **load_kwargs):
     """Load an agent-prune export (uniform or per-layer widths) -> ``(model, tokenizer)``, in eval mode.
 
-    ``tokenizer`` is None when the export was written without one.
+    ``tokenizer`` is None when the export was written without one; ``load_kwargs`` go to
+    ``from_pretrained`` (a device map).
 
     Runs the packaged copy of the export's modeling code, not the file in the folder, so no remote
     code is executed. The model is checked against the folder's manifest.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     manifest = read_manifest(path)
     try:
+        config, cls = export_class(path)
         with _quiet_transformers():
-            config = AutoConfig.from_pretrained(path)
-            cls = pruned_class(stock_class(config)) if needs_modeling_code(config) else stock_class(config)
-            model = cls.from_pretrained(path, config=config, dtype=dtype)
+            model = cls.from_pretrained(path, config=config, dtype=dtype, **load_kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(Path(path)) else None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"cannot load the export at {path}: {_first_line(exc)}",

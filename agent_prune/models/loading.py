@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -65,6 +66,16 @@ class LoadedModel:
     tokenizer: object
     source: ModelSource
     adapter: FamilyAdapter
+    offload: str | None = None  # where the decoder layers live: None (the device), "cpu" or "disk"
+
+
+@dataclass(frozen=True)
+class OffloadRequest:
+    """``--device-map auto``: keep the decoder layers off the device when the caps (``max_memory``,
+    accelerate's keys; None: what is free) do not hold the model; ``folder`` is where they spill."""
+
+    max_memory: dict[str, str] | None
+    folder: Path
 
 
 def resolve_model_source(spec: str) -> ModelSource:
@@ -133,10 +144,16 @@ def load_config(source: ModelSource):
                          "pass a Hugging Face model folder or a .gguf file") from None
 
 
-def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load model + tokenizer for ``spec``; every failure is a one-line :class:`AgentPruneError`."""
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32",
+               offload: OffloadRequest | None = None) -> LoadedModel:
+    """Load model + tokenizer for ``spec``; every failure is a one-line :class:`AgentPruneError`.
+
+    With ``offload``, a model that does not fit the device under its caps comes back with its decoder
+    layers offloaded (``agent_prune.models.offload``) and ``LoadedModel.offload`` saying where."""
     source = resolve_model_source(spec)
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    if offload is not None and (loaded := _load_offloaded(source, torch_device, torch_dtype, offload)):
+        return loaded
     if source.kind == "export":
         from agent_prune.models.export import load_pretrained
 
@@ -151,6 +168,62 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     return LoadedModel(model, tokenizer, source, adapter_class_for(model.config.model_type)(model))
 
 
+def _load_offloaded(source: ModelSource, device: torch.device, dtype: torch.dtype,
+                    request: OffloadRequest) -> LoadedModel | None:
+    """The model with its decoder layers off ``device`` (reading the checkpoint lazily), or None
+    when it fits. A ``.gguf`` without its dense cache is dequantised whole first."""
+    from agent_prune.models.offload import adopt_checkpoint_layers, offload_layers
+    from agent_prune.models.offload_homes import LayerStore
+    from agent_prune.models.placement import layer_device_map, layer_home
+
+    if source.kind == "export":
+        folder, gguf_file = source.path, None
+    else:
+        adapter_class_for(load_config(source).model_type)  # fail fast on unsupported families
+        folder, gguf_file = _dense_folder(source)
+    skeleton = _skeleton(source, folder, gguf_file, dtype)
+    adapter_class = adapter_class_for(skeleton.config.model_type)
+    home = layer_home(skeleton, adapter_class.layers_path, device, request.max_memory)
+    if home is None:
+        return None
+    store = LayerStore(request.folder if home == "disk" else None)
+    if gguf_file is None:
+        device_map = layer_device_map(skeleton, adapter_class.layers_path, device)
+        kwargs = {"device_map": device_map, "offload_folder": str(request.folder / "load")}
+        if source.kind == "export":
+            from agent_prune.models.export import load_pretrained
+
+            model, tokenizer = load_pretrained(folder, dtype=dtype, **kwargs)
+        else:
+            model, tokenizer = _load_hf(folder, None, dtype, source, **kwargs)
+        adopt_checkpoint_layers(model, store, device)
+        if home == "cpu":  # every layer was read into RAM: transformers' offload files are done with
+            shutil.rmtree(request.folder, ignore_errors=True)
+    else:
+        model, tokenizer = _load_hf(folder, gguf_file, dtype, source)
+        model.to(device)
+        offload_layers(model, store, device)
+    model.eval()
+    return LoadedModel(model, prepare_tokenizer(tokenizer), source, adapter_class(model), offload=home)
+
+
+def _skeleton(source: ModelSource, folder: str, gguf_file: str | None, dtype: torch.dtype) -> nn.Module:
+    """The model ``from_pretrained`` builds, on the meta device: shapes and sizes, no values."""
+    from transformers import AutoConfig
+
+    from agent_prune.models.export import export_class, stock_class
+
+    if source.kind == "export":
+        config, cls = export_class(folder)
+    else:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(folder, **kwargs)
+        cls = stock_class(config)
+    with torch.device("meta"):
+        return cls._from_config(clean_config(config), dtype=dtype)
+
+
 def prepare_tokenizer(tokenizer):
     """Batching needs a pad token; causal LMs without one reuse EOS (masked out anyway)."""
     if tokenizer.pad_token is None:
@@ -158,13 +231,14 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def _load_hf(folder: str, gguf_file: str | None, dtype: torch.dtype, source: ModelSource):
+def _load_hf(folder: str, gguf_file: str | None, dtype: torch.dtype, source: ModelSource,
+             **load_kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs, **load_kwargs)
             tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InputError(f"cannot load model from {source.display}: {_first_line(exc)}",
@@ -246,14 +320,17 @@ class _quiet_transformers:
 
         self._level = hf_logging.get_verbosity()
         self._bars = hf_logging.is_progress_bar_enabled()
+        self._accelerate = logging.getLogger("accelerate").level  # warns of what it offloaded
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
         return self
 
     def __exit__(self, *exc):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity(self._level)
+        logging.getLogger("accelerate").setLevel(self._accelerate)
         if self._bars:
             hf_logging.enable_progress_bar()
         return False

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from agent_prune.models.adapters import FamilyAdapter
+from agent_prune.models.offload import materialized, slot_of
 
 
 @dataclass
@@ -100,7 +101,12 @@ def _record(adapter: FamilyAdapter, ids: torch.Tensor, device: torch.device
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Run ``module`` on ``device``, then move it back to where it was (no-op when already there)."""
+    """Run ``module`` on ``device``, then move it back to where it was (no-op when already there);
+    an offloaded layer is brought in from its home (``offload.materialized``) and dropped after."""
+    if slot_of(module) is not None:
+        with materialized(module, device=device):
+            yield module
+        return
     tensor = next(module.parameters(), None)
     if tensor is None:
         tensor = next(module.buffers(), None)

@@ -22,6 +22,7 @@ from torch import nn
 from agent_prune.actions.manifest import Manifest
 from agent_prune.actions.surgery import unit_features
 from agent_prune.models.adapters import adapter_for
+from agent_prune.models.offload import materialized
 from agent_prune.recovery.reconstruct import ATTN_OUT, MLP_OUT
 from agent_prune.sensitivity.schema import InputMeans
 
@@ -61,10 +62,11 @@ def bias_corrections(before: nn.Module, old: Manifest, new: Manifest,
         cuts = {ATTN_OUT: (unit_features(removed_positions(was.heads, record.heads), adapter.head_dim),
                            means.o_proj),
                 MLP_OUT: (removed_positions(was.mlp_channels, record.mlp_channels), means.down_proj)}
-        for module, (columns, module_means) in cuts.items():
-            if len(columns):
-                weight = layer.get_submodule(module).weight
-                corrections[index, module] = mean_contribution(weight, module_means, columns)
+        with materialized(layer):
+            for module, (columns, module_means) in cuts.items():
+                if len(columns):
+                    weight = layer.get_submodule(module).weight
+                    corrections[index, module] = mean_contribution(weight, module_means, columns)
     return corrections
 
 
@@ -85,6 +87,7 @@ def compensate_biases(before: nn.Module, after: nn.Module, old: Manifest, new: M
     layers = adapter_for(after).layers()
     changed = []
     for (index, module), delta in bias_corrections(before, old, new, input_means).items():
-        add_to_bias(layers[index].get_submodule(module), delta)
+        with materialized(layers[index], write=True) as layer:
+            add_to_bias(layer.get_submodule(module), delta)
         changed.append(new.mark_overridden(index, module))
     return changed

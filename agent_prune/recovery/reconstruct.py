@@ -31,6 +31,7 @@ from torch import nn
 
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.offload import materialized
 from agent_prune.models.streaming import calibration_batches, capture_layer_inputs, run_layer, tap
 from agent_prune.recovery.layout import Layout, layer_sources, mark_overridden
 from agent_prune.recovery.ridge import LeastSquaresCollector
@@ -111,23 +112,9 @@ def reconstruct(
             records.append(_record(index, source, [], {}, None))
             continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
-        blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
-                             p_adapter.attention_projections(layer)["o_proj"]),
-                  MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
-                            p_adapter.mlp_projections(layer)["down_proj"])}
-        # When the MLP's down_proj is refitted last and its output goes straight into the residual
-        # stream, the refit pass keeps what it saw and the stream moves on by the change of that
-        # projection's output alone: no second pass through the layer.
-        shortcut = bool(modules) and modules[-1] == MLP_OUT and p_adapter.projections_feed_residual(layer)
-        before, seen = {}, None
-        for m in modules:
-            before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs[index], ridge,
-                                     keep=shortcut and m == modules[-1])
-        if seen is not None:
-            after = _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts)
-        else:
-            watched = blocks[modules[-1]][:2] if modules else None
-            after = _advance(layer, watched, stream, parts, kwargs[index])
+        with materialized(layer, write=bool(modules)), materialized(dense_layer):  # offloaded: one pair
+            after, before = _refit_layer(p_adapter, d_adapter, layer, dense_layer, modules, stream, parts,
+                                         kwargs[index], ridge)
         records.append(_record(index, source, modules, before, after))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
@@ -138,6 +125,29 @@ def reconstruct(
         layers=records, overrides=overrides, fit_tokens=n_fit * windows.shape[1],
         heldout_tokens=heldout * windows.shape[1], ridge=ridge, seconds=time.perf_counter() - started,
     )
+
+
+def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module,
+                 modules: list[str], stream: torch.Tensor, parts, kwargs: dict, ridge: float
+                 ) -> tuple[_Errors | None, dict[str, _Errors]]:
+    """Refit ``modules`` of one layer toward the dense layer's sub-blocks and move the stream on
+    through it; returns the errors after (of the last refitted block) and before each refit."""
+    blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
+                         p_adapter.attention_projections(layer)["o_proj"]),
+              MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
+                        p_adapter.mlp_projections(layer)["down_proj"])}
+    # When the MLP's down_proj is refitted last and its output goes straight into the residual
+    # stream, the refit pass keeps what it saw and the stream moves on by the change of that
+    # projection's output alone: no second pass through the layer.
+    shortcut = bool(modules) and modules[-1] == MLP_OUT and p_adapter.projections_feed_residual(layer)
+    before, seen = {}, None
+    for m in modules:
+        before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge,
+                                 keep=shortcut and m == modules[-1])
+    if seen is not None:
+        return _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts), before
+    watched = blocks[modules[-1]][:2] if modules else None
+    return _advance(layer, watched, stream, parts, kwargs), before
 
 
 def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope) -> None:

@@ -13,6 +13,9 @@ import hashlib
 import torch
 from torch import nn
 
+from agent_prune.models.adapters import adapter_for
+from agent_prune.models.offload import materialized, state_items
+
 SAMPLES_PER_TENSOR = 1024
 
 
@@ -29,15 +32,19 @@ def _update(h, name: str, tensor: torch.Tensor) -> None:
 def layer_fingerprint(layer: nn.Module) -> str:
     """Identity of one decoder layer's tensors (weights, biases, norms, buffers)."""
     h = hashlib.sha256()
-    for name, tensor in layer.state_dict().items():
-        _update(h, name, tensor)
+    with materialized(layer):
+        for name, tensor in layer.state_dict().items():
+            _update(h, name, tensor)
     return h.hexdigest()[:16]
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """Identity of the whole model as it is now (every tensor of its state dict)."""
+    """Identity of the whole model as it is now (every tensor of its state dict; offloaded layers
+    are read one at a time)."""
+    adapter = adapter_for(model)
+    prefixes = {adapter.layer_key_prefix(i): layer for i, layer in enumerate(adapter.layers())}
     h = hashlib.sha256(model.config.model_type.encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_items(model, prefixes):
         _update(h, name, tensor)
     return h.hexdigest()[:16]
 
