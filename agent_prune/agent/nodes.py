@@ -32,14 +32,13 @@ TARGET_TOLERANCE = 0.002  # a run within 0.2 points of its target sparsity has r
 MIN_MLP_KEPT = 1 / 3
 
 
-# The channel scores whose standardised global ranking sizes each layer's share of a step, best
-# first (older profiles lack fluctuation scores). Fluctuation is FLAP's own allocation metric: one
-# shot at 20% it beats the L2-based allocation by 2 perplexity points with the same L2 channel
-# choice and refit (docs/benchmarks.md, "Width pruners").
-ALLOCATION_SCORES = ("structures_fluctuation", "structures_l2")
-# Default step: two layers' worth of prunable parameters (3 steps to 20% on a 30-layer model). One
-# layer's worth gave the same 20% model quality in twice the steps, and every step pays a profile,
-# two candidate builds and their scoring (docs/benchmarks.md, "Step size").
+# The channel scores whose standardised global ranking sizes each layer's share of a step. L2, not
+# FLAP's fluctuation: one shot at 20% fluctuation sizing beat L2 sizing by 2 test-perplexity points
+# (49.15 vs 51.13), but inside the loop it did not carry over (7 steps: 50.93 vs 49.09 WikiText-2
+# test; docs/benchmarks.md, "Allocation inside the loop").
+ALLOCATION_SCORES = ("structures_l2",)
+# Default step: two layers' worth of prunable parameters (3 steps to 20% on a 30-layer model): every
+# step pays a profile, two candidate builds and their scoring (docs/benchmarks.md, "Step size").
 DEFAULT_STEP_LAYERS = 2
 
 
