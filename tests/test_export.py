@@ -51,6 +51,17 @@ def pruned(family, actions):
     return model, apply_actions(model, actions, dense_manifest(model))
 
 
+def assert_stock_transformers_reproduces(models: list, folders: list) -> None:
+    """Each folder, loaded by stock transformers in a fresh process, gives its model's logits and
+    greedy tokens."""
+    for model, folder, stock in zip(models, folders, stock_reload(folders)):
+        with torch.no_grad():
+            expected = model(torch.tensor(TOKENS)).logits
+        torch.testing.assert_close(stock["logits"], expected, rtol=1e-6, atol=1e-6)
+        expected_tokens = model.generate(torch.tensor(TOKENS), max_new_tokens=4, do_sample=False)
+        assert torch.equal(stock["generated"], expected_tokens), folder
+
+
 def test_exports_reload_in_stock_transformers(tmp_path):
     """Every family with per-layer widths (remote code), plus one uniform export (plain config)."""
     cases = [(family, MIXED) for family in FAMILIES] + [("qwen2", UNIFORM)]
@@ -62,12 +73,7 @@ def test_exports_reload_in_stock_transformers(tmp_path):
         assert (tmp_path / f"{index}-{family}" / MODELING_FILE).is_file() == summary.heterogeneous
         models.append(model)
         folders.append(summary.path)
-    for model, folder, stock in zip(models, folders, stock_reload(folders)):
-        with torch.no_grad():
-            expected = model(torch.tensor(TOKENS)).logits
-        torch.testing.assert_close(stock["logits"], expected, rtol=1e-6, atol=1e-6)
-        expected_tokens = model.generate(torch.tensor(TOKENS), max_new_tokens=4, do_sample=False)
-        assert torch.equal(stock["generated"], expected_tokens), folder
+    assert_stock_transformers_reproduces(models, folders)
 
 
 def test_compensated_exports_reload_with_the_same_logits(tmp_path):
@@ -100,12 +106,7 @@ def test_compensated_exports_reload_with_the_same_logits(tmp_path):
                 torch.testing.assert_close(other(torch.tensor(TOKENS)).logits, expected, rtol=1e-6, atol=1e-6)
         models.append(model)
         folders.append(summary.path)
-    for model, folder, stock in zip(models, folders, stock_reload(folders)):
-        with torch.no_grad():
-            expected = model(torch.tensor(TOKENS)).logits
-        torch.testing.assert_close(stock["logits"], expected, rtol=1e-6, atol=1e-6)
-        expected_tokens = model.generate(torch.tensor(TOKENS), max_new_tokens=4, do_sample=False)
-        assert torch.equal(stock["generated"], expected_tokens), folder
+    assert_stock_transformers_reproduces(models, folders)
 
 
 def test_uniform_export_has_a_plain_config(tmp_path):

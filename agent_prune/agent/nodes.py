@@ -142,7 +142,7 @@ class LoopNodes:
 
     def step_budget(self, state: dict) -> int:
         dense = state["dense"]
-        fraction = self.ctx.options.step_fraction or min(DEFAULT_STEP_LAYERS / dense["layers"], 0.5)
+        fraction = self.ctx.options.step_fraction or DEFAULT_STEP_LAYERS / dense["layers"]
         return max(1, int(min(fraction * dense["prunable"] * state["step_scale"], self.remaining(state))))
 
     def remaining(self, state: dict) -> float:
@@ -155,11 +155,7 @@ class LoopNodes:
         iteration = state["iteration"]
         proposal = Proposal.model_validate(state["proposal"])
         profile = read_json(state["profile_path"])
-        # No reference to the current model outlives this line: the builder releases it from the cache
-        # before each candidate's refit.
-        current_model = ctx.states.load(Path(state["current"]["dir"]))[0]
-        sizes = [LayerSize(**s) for s in profiling.layer_sizes(current_model)]
-        del current_model
+        sizes = self.current_sizes(state)
         budget = state["budget"]["params"]
         plans = {}
         if proposal.depth is not None:
@@ -193,6 +189,12 @@ class LoopNodes:
             ctx.trace.event("candidate_built", iteration=iteration, duration_s=seconds, **info)
             candidates.append(info)
         return {"candidates": candidates}
+
+    def current_sizes(self, state: dict) -> list[LayerSize]:
+        """The current step's layer sizes. No reference to its model outlives the call: the builder
+        releases it from the state cache before each candidate's refit."""
+        model, _ = self.ctx.states.load(Path(state["current"]["dir"]))
+        return [LayerSize(**s) for s in profiling.layer_sizes(model)]
 
     def shaped_proposal(self, width: WidthProposal, cuts: list[int]) -> WidthProposal:
         """The width proposal the candidate is sized from: suggested amounts where the planner gave
