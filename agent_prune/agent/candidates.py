@@ -12,8 +12,9 @@ The planner says *where* (which layers, in what order, MLP vs attention share); 
 Which channels or groups go inside a layer is the pruners' choice, from the profile's scores.
 Serving shapes (``shape_mlp_cuts``) then move the MLP cuts so that kept widths are multiples of a
 number, or the same in every layer, for engines that need aligned or uniform layers.
-The loop then sizes the width candidate to what the depth candidate removes (never past the
-target), so the two are compared at the same size.
+The loop then sizes the width candidate to what the depth candidate removes, so the two are
+compared at the same size; neither passes the target, and on the step that reaches it width takes
+the whole remainder (agent/nodes.py, ``build``).
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ def kv_group_cost(layer: LayerSize, hidden: int, head_dim: int) -> int:
 
 
 def size_depth(proposal: DepthProposal, layers: list[LayerSize], budget: int,
-               max_overshoot: float = 2.0) -> list[int]:
-    """Layers to remove: the prefix of the proposal closest to ``budget`` (ties: the larger);
+               max_overshoot: float = 2.0, limit: float | None = None) -> list[int]:
+    """Layers to remove: the prefix of the proposal closest to ``budget`` (ties: the larger) that
+    stays within ``limit`` parameters (what is left to the target);
     [] if that is over ``max_overshoot`` budgets or every layer."""
     chosen, removed = [], 0
     for index in proposal.layers:
-        if removed >= budget:
+        if removed >= budget or (limit is not None and removed + layers[index].params > limit):
             break
         if chosen and budget - removed < removed + layers[index].params - budget:
             break  # stopping short is closer than taking the next layer

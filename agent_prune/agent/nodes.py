@@ -37,10 +37,12 @@ MIN_MLP_KEPT = 1 / 3
 # (49.15 vs 51.13), but inside the loop it did not carry over (7 steps: 50.93 vs 49.09 WikiText-2
 # test; docs/benchmarks.md, "Allocation inside the loop").
 ALLOCATION_SCORES = ("structures_l2",)
-# Default step: one layer's worth of prunable parameters. Two layers' worth (3 steps to 20% instead of
-# 7, less than half the loop's cost) is measured in docs/benchmarks.md ("Step size") but its 20%
-# WikiText-2 test figure with L2 sizing was not in yet when this default was set.
-DEFAULT_STEP_LAYERS = 1
+# Default step: two layers' worth of prunable parameters. On the shared model at 20% it reached a
+# lower WikiText-2 test perplexity than one layer's worth in half the steps (docs/benchmarks.md,
+# "Step size").
+DEFAULT_STEP_LAYERS = 2
+# What is left to the target after a step, as a share of a step, below which that step takes it too.
+ABSORBED_REMAINDER = 0.5
 
 
 def suggested_mlp_cuts(profile: dict, budget: int, hidden: int, dense_channels: int) -> list[int]:
@@ -141,9 +143,12 @@ class LoopNodes:
         return suggested_mlp_cuts(profile, budget, self.ctx.hidden_size, dense_channels)
 
     def step_budget(self, state: dict) -> int:
+        """This step's budget in prunable parameters; a remainder under half a step joins this one
+        instead of costing an iteration of its own."""
         dense = state["dense"]
         fraction = self.ctx.options.step_fraction or DEFAULT_STEP_LAYERS / dense["layers"]
-        return max(1, int(min(fraction * dense["prunable"] * state["step_scale"], self.remaining(state))))
+        step, remaining = fraction * dense["prunable"] * state["step_scale"], self.remaining(state)
+        return max(1, int(remaining if remaining < (1 + ABSORBED_REMAINDER) * step else step))
 
     def remaining(self, state: dict) -> float:
         """Prunable parameters still to remove to reach the target."""
@@ -156,14 +161,19 @@ class LoopNodes:
         proposal = Proposal.model_validate(state["proposal"])
         profile = read_json(state["profile_path"])
         sizes = self.current_sizes(state)
-        budget = state["budget"]["params"]
+        budget, remaining = state["budget"]["params"], self.remaining(state)
         plans = {}
         if proposal.depth is not None:
-            layers = size_depth(proposal.depth, sizes, budget)
+            layers = size_depth(proposal.depth, sizes, budget, limit=remaining)
             if layers:
                 plans["depth"] = [{"kind": "remove_layers", "layers": layers}]
-                # Width matches depth (a same-size comparison), but never cuts past the target.
-                budget = max(1, int(min(sum(sizes[i].params for i in layers), self.remaining(state))))
+                # Width matches depth: a same-size comparison. The step that reaches the target is
+                # the exception: width takes the whole remainder even where depth removes less (layers
+                # thinned by earlier steps are smaller than the budget), so that no sliver of a step
+                # is left for one more iteration; a width candidate that wins while removing more is
+                # the better step all the same.
+                if budget < int(remaining):
+                    budget = max(1, sum(sizes[i].params for i in layers))
         if proposal.width is not None:
             cuts = self.suggested_cuts(profile, state["budget"]["params"])
             width = self.serving_shape(size_width(self.shaped_proposal(proposal.width, cuts), sizes, budget,

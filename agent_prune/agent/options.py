@@ -76,7 +76,7 @@ class RunOptions(BaseModel):
     max_rejections: int = Field(3, ge=1)
     step_fraction: float | None = Field(None, gt=0.0, lt=1.0,
                                         description="step budget as a fraction of base prunable "
-                                                    "parameters; default one layer's worth "
+                                                    "parameters; default two layers' worth "
                                                     "(nodes.DEFAULT_STEP_LAYERS)")
     branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
     select_by: Literal["perplexity", "kl"] = "perplexity"

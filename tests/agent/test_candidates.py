@@ -41,3 +41,9 @@ def test_depth_and_width_candidates_remove_the_same_parameters(tmp_path):
     assert pairs
     for pair in pairs:  # within a few MLP channels (3 * hidden each) of each other
         assert abs(pair["depth"] - pair["width"]) <= 0.02 * pair["depth"], pair
+
+
+def test_depth_never_passes_the_target():
+    layers = sizes(100, 30, 80, 100)
+    assert size_depth(DepthProposal(layers=[1, 2]), layers, budget=100, limit=90) == [1]
+    assert size_depth(DepthProposal(layers=[2]), layers, budget=100, limit=70) == []
