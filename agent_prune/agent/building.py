@@ -28,17 +28,18 @@ class CandidateBuilder:
 
     def build(self, states: ModelStates, current: Path, actions: list[dict], profile: dict,
               target: Path, pruner: str = "l2") -> dict:
-        """Apply ``actions`` to a copy of saved state ``current`` (structures chosen by ``pruner``'s
-        scores from ``profile``), recover it, and save it under ``target``; the copy is dropped on
+        """Apply ``actions`` to saved state ``current`` (structures chosen by ``pruner``'s scores
+        from ``profile``), recover it, and save it under ``target``; the candidate is dropped on
         return (the evaluate node replays it).
 
-        Once the candidate is cut, the current step's model leaves the state cache, so the refit's
-        peak is the dense model and this candidate (issue 16: the current step beside them was the
-        run's largest resident set); the next candidate of the step replays it again (seconds)."""
+        The current step's model leaves the state cache before the cut, so the build owns it and
+        cuts it in place: the peak is the dense model and one candidate (issue 16: the step's model
+        beside its copy was the run's largest resident set); the step's next candidate replays it
+        again (seconds)."""
         model, manifest = states.load(current)
-        candidate, new_manifest, info = self.cut(model, manifest, actions, profile, pruner)
-        del model
         states.release()
+        candidate, new_manifest, info = self.cut(model, manifest, actions, profile, pruner, in_place=True)
+        del model
         info["recovery"] = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
         save_state(target, candidate, new_manifest, {"actions": actions, **info})
         return info
@@ -51,18 +52,23 @@ class CandidateBuilder:
         return candidate, new_manifest, info
 
     def cut(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
-            pruner: str = "l2") -> tuple[nn.Module, Manifest, dict]:
+            pruner: str = "l2", in_place: bool = False) -> tuple[nn.Module, Manifest, dict]:
         """(candidate, its manifest, info): ``actions`` applied to a copy of ``model`` (which is left
-        as it was), with the fluctuation pruner's bias compensation; not yet recovered."""
+        as it was), with the fluctuation pruner's bias compensation; not yet recovered. With
+        ``in_place`` the caller gives ``model`` up and it may become the candidate itself (not when
+        the bias compensation must read the removed weights, nor for an offloaded model, whose
+        layers have homes of their own)."""
         from agent_prune.actions import apply_actions
         from agent_prune.agent.decisions import describe_actions
         from agent_prune.models.accounting import count_parameters
+        from agent_prune.models.offload import is_offloaded
         from agent_prune.sensitivity.schema import STRUCTURE_FIELDS, SensitivityProfile
 
-        candidate = copy.deepcopy(model, shared_memo(model))
         parsed = SensitivityProfile.model_validate(profile)
         if getattr(parsed.layers[0], STRUCTURE_FIELDS[pruner]) is None:
             pruner = "l2"  # e.g. taylor from a profile without gradients; the record says so
+        reuse = in_place and pruner != "fluctuation" and not is_offloaded(model)
+        candidate = model if reuse else copy.deepcopy(model, shared_memo(model))
         scores = dict(enumerate(parsed.structure_scores(pruner)))
         new_manifest = apply_actions(candidate, actions, manifest, scores=scores,
                                      protected=profile.get("protected", []))

@@ -71,28 +71,34 @@ def test_a_run_keeps_one_replayed_state_and_no_candidate(tmp_path):
 
 
 
-def test_building_a_candidate_releases_the_current_step_before_its_refit(tmp_path, monkeypatch):
-    """The refit is the build's peak: the current step's model must not sit in the state cache beside
-    the dense model and the candidate then. The candidate built this way equals the one built from a
-    model held throughout, bit for bit."""
+def test_building_a_candidate_cuts_the_current_step_in_place_out_of_the_cache(tmp_path, monkeypatch):
+    """The current step's model must not sit beside its own copy, nor in the state cache beside the
+    dense model and the candidate during the refit: the build takes it out of the cache and cuts it
+    in place. The candidate built this way equals the one built from a copy, bit for bit, and the
+    dense model is untouched."""
     ctx = RunContext(tiny_run_options(tmp_path))
     ctx.steps.commit_dense()
     current = ctx.states.store.step_dir(0)
     model, manifest = ctx.states.load(current)
     profile = profile_state(ctx, model, manifest)
     held, _, held_info = ctx.builder.candidate(model, manifest, ACTIONS["width"], profile)
-    del model
-    cached_at_refit = []
+    dense_before = {k: v.clone() for k, v in ctx.base.model.state_dict().items()}
+    cached_at_refit, refitted = [], []
     recover = ctx.builder.recover
 
-    def spy(*args, **kwargs):
+    def spy(candidate, *args, **kwargs):
         cached_at_refit.append(len(ctx.states._models))
-        return recover(*args, **kwargs)
+        refitted.append(candidate)
+        return recover(candidate, *args, **kwargs)
 
     monkeypatch.setattr(ctx.builder, "recover", spy)
     target = tmp_path / "candidates" / "width"
     info = ctx.builder.build(ctx.states, current, ACTIONS["width"], profile, target)
     assert cached_at_refit == [0]
+    assert refitted[0] is model  # the step's own model, cut in place: no copy beside it
+    del model
+    refitted.clear()
+    assert all(torch.equal(v, dense_before[k]) for k, v in ctx.base.model.state_dict().items())
     assert without_timing(info["recovery"]) == without_timing(held_info["recovery"])
     built, _ = ctx.states.replay(target)
     held_state, built_state = held.state_dict(), built.state_dict()
