@@ -162,6 +162,7 @@ class LoopNodes:
         profile = read_json(state["profile_path"])
         sizes = self.current_sizes(state)
         budget, remaining = state["budget"]["params"], self.remaining(state)
+        reaches_target = budget >= int(remaining)  # step_budget gave this step the whole remainder
         plans = {}
         if proposal.depth is not None:
             layers = size_depth(proposal.depth, sizes, budget, limit=remaining)
@@ -172,7 +173,7 @@ class LoopNodes:
                 # thinned by earlier steps are smaller than the budget), so that no sliver of a step
                 # is left for one more iteration; a width candidate that wins while removing more is
                 # the better step all the same.
-                if budget < int(remaining):
+                if not reaches_target:
                     budget = max(1, sum(sizes[i].params for i in layers))
         if proposal.width is not None:
             cuts = self.suggested_cuts(profile, state["budget"]["params"])
