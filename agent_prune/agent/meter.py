@@ -6,6 +6,10 @@ peak rather than the process's; where the reset is refused (not Linux, or a lock
 figure is the process peak so far and the record says so (``peak_scope: "process"``). On CUDA the
 allocator's peak is reset and read the same way. Measurements nest: a phase inside a node resets
 the high-water mark, so the node keeps the largest peak its phases saw.
+
+CPU time (user and system) and minor page faults come from ``getrusage`` of this process (worker
+processes are not in them): a stretch whose system time is a large share of its CPU time spends it
+in the kernel, most often faulting in freshly mapped memory.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def _cuda():
 
 
 class Meter:
-    """``with Meter() as m: ...`` then ``m.figures()``: seconds, peak and end RSS, CUDA peak (MiB)."""
+    """``with Meter() as m: ...`` then ``m.figures()``: seconds, peak and end RSS, CUDA peak (MiB),
+    CPU user and system seconds, minor page faults."""
 
     _open: ClassVar[list[Meter]] = []  # the measurements in progress, innermost last
 
@@ -71,12 +76,17 @@ class Meter:
         self.inner_cuda_peak = 0
         if cuda is not None:
             cuda.reset_peak_memory_stats()
+        self.usage = resource.getrusage(resource.RUSAGE_SELF)
         self.start = time.perf_counter()
         Meter._open.append(self)
         return self
 
     def __exit__(self, *exc) -> bool:
         self.seconds = time.perf_counter() - self.start
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu_user = usage.ru_utime - self.usage.ru_utime
+        self.cpu_sys = usage.ru_stime - self.usage.ru_stime
+        self.minor_faults = usage.ru_minflt - self.usage.ru_minflt
         Meter._open.remove(self)
         self.rss, peak = rss_bytes()
         self.peak = max(peak or 0, self.inner_peak)
@@ -92,7 +102,9 @@ class Meter:
 
     def figures(self) -> dict:
         out = {"duration_s": round(self.seconds, 3), "peak_rss_mb": round(self.peak / MIB, 1),
-               "peak_scope": "stretch" if self.scoped else "process"}
+               "peak_scope": "stretch" if self.scoped else "process",
+               "cpu_user_s": round(self.cpu_user, 2), "cpu_sys_s": round(self.cpu_sys, 2),
+               "minor_faults": self.minor_faults}
         if self.rss is not None:
             out["rss_mb"] = round(self.rss / MIB, 1)
         if self.cuda_peak:

@@ -3,7 +3,8 @@
 ``node`` records (one per graph node run, written by ``agent.graph.measured``) add up to the run's
 wall time, less what LangGraph's checkpointing takes between nodes; ``phase`` records split the
 ``start`` and ``finish`` nodes (model load, dense scoring, export, test-protocol evaluation, speed).
-Peaks are per record (see ``agent.meter``): the largest of them is the run's peak.
+Peaks are per record (see ``agent.meter``): the largest of them is the run's peak. CPU seconds and
+minor page faults are the run process's own (traces written before they were measured show none).
 """
 
 from __future__ import annotations
@@ -15,6 +16,21 @@ NODE_ORDER = ("start", "profile", "plan", "build", "evaluate", "decide", "reflec
 
 def _peak(records: list[dict]) -> float:
     return max((r.get("peak_rss_mb", 0.0) for r in records), default=0.0)
+
+
+def _cpu(records: list[dict]) -> dict:
+    """Summed CPU user and system seconds and minor page faults; None where no record has them."""
+    if not any("cpu_sys_s" in r for r in records):
+        return {"cpu_user_s": None, "cpu_sys_s": None, "minor_faults": None}
+    return {"cpu_user_s": round(sum(r.get("cpu_user_s", 0.0) for r in records), 1),
+            "cpu_sys_s": round(sum(r.get("cpu_sys_s", 0.0) for r in records), 1),
+            "minor_faults": sum(r.get("minor_faults", 0) for r in records)}
+
+
+def _cpu_cells(row: dict) -> str:
+    if row["cpu_sys_s"] is None:
+        return "| - | - | - |"
+    return f"| {row['cpu_user_s']:.0f} | {row['cpu_sys_s']:.0f} | {row['minor_faults'] / 1e6:.1f} |"
 
 
 def node_rows(records: list[dict]) -> list[dict]:
@@ -31,7 +47,7 @@ def node_rows(records: list[dict]) -> list[dict]:
         seconds = sum(r["duration_s"] for r in runs)
         rows.append({"node": name, "runs": len(runs), "seconds": round(seconds, 1),
                      "mean_s": round(seconds / len(runs), 1), "share": round(seconds / total, 3),
-                     "peak_rss_mb": _peak(runs)})
+                     "peak_rss_mb": _peak(runs), **_cpu(runs)})
     return rows
 
 
@@ -59,7 +75,7 @@ def iteration_rows(records: list[dict]) -> list[dict]:
 
 def phase_rows(records: list[dict]) -> list[dict]:
     return [{"phase": r["phase"], "seconds": round(r["duration_s"], 1), "peak_rss_mb": r.get("peak_rss_mb"),
-             "rss_mb": r.get("rss_mb")} for r in records if r["event"] == "phase"]
+             "rss_mb": r.get("rss_mb"), **_cpu([r])} for r in records if r["event"] == "phase"]
 
 
 def breakdown_markdown(records: list[dict]) -> str:
@@ -67,12 +83,14 @@ def breakdown_markdown(records: list[dict]) -> str:
     nodes = node_rows(records)
     if not nodes:
         return "no `node` records: the run is still in its first node, or predates per-node measurement\n"
-    lines = ["| node | runs | seconds | mean s | share | peak RSS MiB |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| node | runs | seconds | mean s | share | peak RSS MiB | CPU user s | CPU sys s "
+             "| minor faults (M) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['node']} | {r['runs']} | {r['seconds']:.1f} | {r['mean_s']:.1f} | {r['share']:.1%} "
-              f"| {r['peak_rss_mb']:.0f} |" for r in nodes]
+              f"| {r['peak_rss_mb']:.0f} " + _cpu_cells(r) for r in nodes]
     total = sum(r["seconds"] for r in nodes)
     lines += [f"| all nodes | {sum(r['runs'] for r in nodes)} | {total:.1f} | | 100% "
-              f"| {max(r['peak_rss_mb'] for r in nodes):.0f} |", ""]
+              f"| {max(r['peak_rss_mb'] for r in nodes):.0f} "
+              + _cpu_cells(_cpu([r for r in records if r["event"] == "node"])), ""]
     names = [n for n in NODE_ORDER[1:-1] if any(n == r["node"] for r in nodes)]
     lines += ["| iteration | " + " | ".join(names) + " | seconds | peak RSS MiB | decision |",
               "|---:|" + "---:|" * (len(names) + 2) + "---|"]
@@ -84,8 +102,8 @@ def breakdown_markdown(records: list[dict]) -> str:
                      + f" | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {decision} |")
     phases = phase_rows(records)
     if phases:
-        lines += ["", "| phase (inside start / finish) | seconds | peak RSS MiB | RSS after MiB |",
-                  "|---|---:|---:|---:|"]
-        lines += [f"| {r['phase']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_mb'] or 0:.0f} |"
-                  for r in phases]
+        lines += ["", "| phase (inside start / finish) | seconds | peak RSS MiB | RSS after MiB | CPU user s "
+                      "| CPU sys s | minor faults (M) |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['phase']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {r['rss_mb'] or 0:.0f} "
+                  + _cpu_cells(r) for r in phases]
     return "\n".join(lines) + "\n"

@@ -42,3 +42,17 @@ def test_every_node_run_is_measured_and_the_breakdown_adds_up(tmp_path):
     assert sum(r["runs"] for r in per_node) == len(nodes)
     table = breakdown_markdown(records)
     assert "| evaluate |" in table and "final eval step-" in table
+
+
+def test_cpu_time_and_page_faults_are_the_stretchs_own():
+    with Meter() as idle:
+        pass
+    with Meter() as busy:
+        block = bytearray(64 * MIB)
+        block[::4096] = b"\1" * len(block[::4096])  # first touch of every page: a minor fault each
+        del block
+    assert busy.minor_faults >= 64 * MIB // (2 * MIB)  # one a page: at least one per 2 MiB huge page
+    assert idle.minor_faults < busy.minor_faults
+    figures = busy.figures()
+    assert figures["cpu_sys_s"] >= 0 and figures["cpu_user_s"] >= 0
+    assert figures["minor_faults"] == busy.minor_faults
