@@ -191,3 +191,20 @@ def test_context_schema_carries_the_same_limits():
     assert context_schema(ProposalReply, small)["properties"]["depth"] == {"type": "null"}
     lesson = context_schema(ReflectionReply, context)["properties"]
     assert lesson["avoid_layers"]["items"]["enum"] == list(range(12))
+
+
+def test_depth_never_takes_more_than_is_left_to_the_target():
+    from agent_prune.agent.planners.budget import removable_layers
+    from agent_prune.agent.planners.heuristic import heuristic_proposal
+
+    context = example_context(num_layers=12)  # every layer 3,538,944 parameters; budget one layer
+    last_step = context.model_copy(update={"remaining_params": 2_000_000})
+    assert open_branches(last_step) == ["width"] and heuristic_proposal(last_step).depth is None
+    with pytest.raises(ReplyProblem, match="every removable layer has more than 2,000,000 parameters"):
+        parse_proposal({"rationale": "x", "depth": {"layers": [5]}}, last_step)
+    rows = [r.model_copy(update={"params": 1_500_000}) if r.index == 7 else r for r in last_step.layers]
+    thinned = last_step.model_copy(update={"layers": rows})  # a layer earlier steps thinned fits
+    assert removable_layers(thinned) == [7] and heuristic_proposal(thinned).depth.layers == [7]
+    assert parse_proposal({"rationale": "x", "depth": {"layers": [7, 5]}}, thinned).depth.layers == [7, 5]
+    with pytest.raises(ReplyProblem, match=r"starts with layer 5 .* more than the 2,000,000 this step may"):
+        parse_proposal({"rationale": "x", "depth": {"layers": [5, 7]}}, thinned)

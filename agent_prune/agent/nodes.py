@@ -132,7 +132,8 @@ class LoopNodes:
         return PlannerContext(
             iteration=iteration, num_layers=len(rows), current_sparsity=state["current"]["sparsity"],
             target_sparsity=ctx.options.target_sparsity, step_budget_params=budget,
-            step_budget_fraction=budget / state["dense"]["prunable"], branches=ctx.options.branches,
+            step_budget_fraction=budget / state["dense"]["prunable"],
+            remaining_params=math.ceil(self.remaining(state)), branches=ctx.options.branches,
             layers=rows, history=history, reflections=state["reflections"][-5:],
             rejected_layers=state["rejected_layers"], hidden_size=ctx.hidden_size, head_dim=ctx.head_dim,
             pruners=profiling.available_pruners(profile),

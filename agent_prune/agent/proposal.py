@@ -47,6 +47,9 @@ class PlannerContext(BaseModel):
     target_sparsity: float
     step_budget_params: int
     step_budget_fraction: float  # of the base model's prunable parameters
+    remaining_params: int | None = Field(
+        None, description="prunable parameters still to remove to reach the target: depth never "
+                          "removes more (None: no limit)")
     branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
     layers: list[LayerRow]
     history: list[StepRecord] = Field(default_factory=list)

@@ -3,8 +3,8 @@
 empty candidate from it.
 
 - depth: the loop removes the shortest prefix of the proposed layers that reaches the budget, but
-  never overshoots it more than twice; when every removable layer is bigger than that, depth is not
-  possible this step.
+  never overshoots it more than twice, nor removes more than is left to the target; when every
+  removable layer is bigger than that, depth is not possible this step.
 - width: at most half of a layer's MLP channels go per step, so a short list of layers may not hold
   the budget. Needs the model's hidden size (``PlannerContext.hidden_size``); skipped without it.
 """
@@ -31,10 +31,15 @@ def layer_sizes(context: PlannerContext) -> list[LayerSize]:
     return [LayerSize(r.index, r.params, r.heads, r.kv_heads, r.mlp_channels) for r in context.layers]
 
 
+def depth_limit(context: PlannerContext) -> float:
+    """The most parameters one depth step may remove: twice the budget, and no more than is left."""
+    limit = MAX_OVERSHOOT * context.step_budget_params
+    return limit if context.remaining_params is None else min(limit, context.remaining_params)
+
+
 def removable_layers(context: PlannerContext) -> list[int]:
     """Layers depth may remove this step: not protected, not just rolled back, small enough."""
-    avoid = set(context.rejected_layers)
-    limit = MAX_OVERSHOOT * context.step_budget_params
+    avoid, limit = set(context.rejected_layers), depth_limit(context)
     return [r.index for r in context.layers
             if not r.protected and r.index not in avoid and r.params <= limit]
 
@@ -66,15 +71,17 @@ def budget_problems(proposal: Proposal, context: PlannerContext) -> list[str]:
     problems = []
     budget = context.step_budget_params
     if proposal.depth is not None and proposal.depth.layers:
+        limit = depth_limit(context)
         if "depth" not in open_branches(context):
             problems.append(f"depth is not possible this step: every removable layer has more than "
-                            f"{MAX_OVERSHOOT:g}x the step budget of {budget:,} parameters; "
-                            "use null for depth")
-        elif not size_depth(proposal.depth, layer_sizes(context), budget):
+                            f"{limit:,.0f} parameters ({MAX_OVERSHOOT:g}x the step budget of {budget:,}, "
+                            "or what is left to the target); use null for depth")
+        elif not size_depth(proposal.depth, layer_sizes(context), budget, limit=context.remaining_params):
             first = context.layer(proposal.depth.layers[0])
             problems.append(f"depth.layers starts with layer {first.index} ({first.params:,} "
-                            f"parameters), more than {MAX_OVERSHOOT:g}x the step budget of {budget:,}; "
-                            "put a smaller layer first")
+                            f"parameters), more than the {limit:,.0f} this step may remove "
+                            f"({MAX_OVERSHOOT:g}x the step budget of {budget:,}, or what is left to the "
+                            "target); put a smaller layer first")
     if proposal.width is not None and context.hidden_size and context.head_dim:
         plan = size_width(proposal.width, layer_sizes(context), budget, context.hidden_size,
                           context.head_dim)

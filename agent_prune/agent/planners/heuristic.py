@@ -3,8 +3,8 @@
 Rule (documented in the README):
 - depth: rank layers by depth importance = mean z of block influence and angular distance
   (ShortGPT, Gromov et al.: a layer that barely changes its input is expendable); propose them
-  least important first, never the first or last layer, protected layers, or layers whose removal
-  was just rolled back.
+  least important first, never the first or last layer, protected layers, layers whose removal
+  was just rolled back, or layers larger than the step may remove (``budget.removable_layers``).
 - width: MLP channels only (on GQA models a single KV group is a large share of a layer's
   attention), chosen by the L2 pruner, in the per-layer amounts the profile suggests (``mlp_cut``:
   the step's channels ranked across layers by standardised L2 score, FLAP-style,
@@ -18,6 +18,7 @@ sensible candidates, not pick between them.
 from __future__ import annotations
 
 from agent_prune.agent.planners.base import Attempt, FailedStep, PlannerResult, ReflectionResult
+from agent_prune.agent.planners.budget import removable_layers
 from agent_prune.agent.proposal import (
     DepthProposal,
     LayerRow,
@@ -60,10 +61,9 @@ class HeuristicPlanner:
 
 def heuristic_proposal(context: PlannerContext, spare_z: float = 1.0) -> Proposal:
     last = context.num_layers - 1
-    avoid = set(context.rejected_layers)
     depth_order = sorted(context.layers, key=lambda r: (mean_z(r, DEPTH_METRICS), r.index))
-    depth_layers = [r.index for r in depth_order
-                    if not r.protected and r.index not in (0, last) and r.index not in avoid]
+    removable = set(removable_layers(context))
+    depth_layers = [r.index for r in depth_order if r.index in removable and r.index not in (0, last)]
     suggested = sorted((r for r in context.layers if r.mlp_cut > 0), key=lambda r: (-r.mlp_cut, r.index))
     if suggested:
         width_layers = [r.index for r in suggested]

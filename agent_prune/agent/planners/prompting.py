@@ -90,7 +90,8 @@ def budget_layers(context: PlannerContext) -> int:
 def branches_line(context: PlannerContext) -> str:
     line = ", ".join(open_branches(context))
     if "depth" in context.branches and "depth" not in open_branches(context):
-        line += " (depth is not possible this step: every removable layer is over twice the budget)"
+        line += (" (depth is not possible this step: every removable layer is over twice the budget "
+                 "or over what is left to the target)")
     return line
 
 
