@@ -23,7 +23,7 @@ from agent_prune.errors import (
     AgentPruneError,
     Terminated,
 )
-from agent_prune.heap import return_large_blocks_to_the_os
+from agent_prune.heap import configure_heap
 
 COMMANDS = ("run", "resume", "trace", "profile", "eval", "apply", "export", "heal")
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     # Library progress bars (tqdm reads this once, at its first import) would interleave with the
     # CLI's own progress display; a user's own setting wins.
     os.environ.setdefault("TQDM_DISABLE", "1")
-    return_large_blocks_to_the_os()
+    configure_heap()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,34 +1,46 @@
-"""glibc heap settings that keep a run's resident memory near what it uses (no-ops elsewhere)."""
+"""glibc heap settings that weigh a run's resident memory against page faults (no-ops elsewhere)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 
 
 def release_memory() -> None:
     """Hand freed heap memory back to the OS (glibc keeps freed activation-sized blocks otherwise).
 
-    Buffers under glibc's dynamic mmap threshold (up to 32 MiB) live on the heap, and their pages
-    stay resident after ``free``; trimming after each layer keeps the process's RSS close to what
-    is actually in use. A no-op where ``malloc_trim`` does not exist.
+    Buffers under the mmap threshold (:func:`configure_heap`) live on the heap, and up to its trim
+    threshold of their pages stay resident after ``free``; trimming after each profiled layer keeps
+    the process's RSS close to what is in use (one trim a layer costs few faults). A no-op where
+    ``malloc_trim`` does not exist.
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
 
-def return_large_blocks_to_the_os(threshold: int = 1 << 20) -> None:
-    """Serve every allocation of ``threshold`` bytes or more by ``mmap``, so its ``free`` unmaps it.
+def configure_heap(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 20) -> None:
+    """Fix glibc's thresholds: blocks of ``mmap_threshold`` bytes or more are mapped (and unmapped on
+    ``free``); up to ``trim_threshold`` bytes of free heap stay in the process for the next buffer.
 
-    glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, after which
-    activation- and logits-sized buffers come from the heap and their pages stay resident between
-    uses: a run's RSS then grows with every distinct buffer size it has seen. A fixed threshold
-    stops that growth. Called once at the command line's start; a no-op where ``mallopt`` does not
-    exist.
+    Every layer's forward allocates and frees activation-sized buffers (1-20 MB at 512 tokens on the
+    shared model). Mapped, each is faulted in page by page again at every use: with a 1 MiB threshold
+    (the setting before this one) a loop scoring spent 17 s of 82 CPU seconds in the kernel and a
+    profile 15 of 40, over 200 million minor faults a 20% run. At 16 MiB they come from the heap and
+    the same work took 28 s instead of 41.5 and 12.5 s instead of 21 wall, same bits, for about
+    150 MiB more at the scoring peak (docs/benchmarks.md, "Heap settings"). A fixed threshold also
+    stops glibc raising it with every larger block freed (RSS growing with each buffer size seen).
+    Called once at the command line's start (and in each worker); a user's own ``MALLOC_*``
+    environment setting wins; a no-op where ``mallopt`` does not exist.
     """
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
-        _LIBC.mallopt(M_MMAP_THRESHOLD, threshold)
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        _LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
 def _load_libc():

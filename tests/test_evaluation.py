@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from agent_prune.data.tasks import QAItem
 from agent_prune.errors import InputError
 from agent_prune.evaluation import knowledge
-from agent_prune.evaluation.divergence import reference_log_probs, window_kl
+from agent_prune.evaluation.divergence import KL_POSITIONS, position_kl, reference_log_probs, window_kl
 from agent_prune.evaluation.harness import run_tasks
 from agent_prune.evaluation.loop import LoopEvaluator, compare_records, gate_records
 from agent_prune.evaluation.perplexity import perplexity, window_nlls
@@ -84,6 +84,18 @@ def test_window_kl_is_zero_to_itself_and_matches_hand_computation():
         expected = (p.exp() * (p - q)).sum(-1).mean(-1)
     assert kl.tolist() == pytest.approx(expected.tolist(), rel=1e-2, abs=1e-4)
     assert (kl > 0).all()
+
+
+def test_kl_in_chunks_of_positions_gives_the_bits_of_the_whole_window():
+    """Windows longer than ``KL_POSITIONS`` are scored a chunk of positions at a time (a quarter of
+    the temporaries at 512 tokens); each position's KL is the same operation, so the same bits."""
+    model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    windows = random_windows(2, KL_POSITIONS + 40)  # one whole chunk and a partial one
+    reference = reference_log_probs(model, windows, batch_size=1)
+    with torch.inference_mode():
+        whole = torch.stack([position_kl(reference[i], other(windows[i : i + 1]).logits[0]).mean().double()
+                             for i in range(2)])
+    assert torch.equal(window_kl(other, windows, reference, batch_size=1), whole)
 
 
 def test_a_spilled_kl_reference_gives_the_same_bits_and_leaves_no_file(tmp_path):

@@ -12,6 +12,14 @@ from torch import nn
 from agent_prune.agent.resources import RunResources
 
 REPORT_BATCH = 4  # sequences per forward in the report's evaluation (part of its cache key)
+# WikiText-2 windows go one at a time: a batch of 4 held [4, 512, 49152] logits, 300 MiB more at the
+# run's peak, and on CPU it gave the same bits in the same time (45.8 s against 45.2 s for 32
+# windows of the shared model; docs/benchmarks.md, "Heap settings").
+REPORT_WINDOW_BATCH = 1
+
+
+def report_batch(task: str) -> int:
+    return REPORT_WINDOW_BATCH if task == "wikitext2" else REPORT_BATCH
 
 
 class Scoring:
@@ -43,7 +51,7 @@ class Scoring:
 
         r, spec = self.resources, self.resources.options.final_eval
         return run_tasks(model, r.base.tokenizer, [task], r.data_dir, seqlen=spec.seqlen,
-                         windows=spec.windows, limit=self.task_limit(task), batch_size=REPORT_BATCH,
+                         windows=spec.windows, limit=self.task_limit(task), batch_size=report_batch(task),
                          progress=r.reporter)[task]
 
     def task_limit(self, task: str) -> int | None:
@@ -71,7 +79,7 @@ class Scoring:
 
         spec = self.resources.options.final_eval
         protocol = {"task": task, "dtype": self.resources.options.dtype,
-                    "device": self.device_kind, "batch_size": REPORT_BATCH,
+                    "device": self.device_kind, "batch_size": report_batch(task),
                     **({"seqlen": spec.seqlen, "windows": spec.windows} if task == "wikitext2"
                        else {"limit": self.task_limit(task)})}
         return self._cached(task_files(task), protocol,

@@ -85,9 +85,9 @@ def serve(options_json: str, device: str, threads: int, pipe) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from agent_prune.agent.options import RunOptions
     from agent_prune.agent.runtime import RunContext
-    from agent_prune.heap import return_large_blocks_to_the_os
+    from agent_prune.heap import configure_heap
 
-    return_large_blocks_to_the_os()  # as the CLI does in the run's process
+    configure_heap()  # as the CLI does in the run's process
     torch.set_num_threads(threads)
     options = RunOptions.model_validate_json(options_json)
     ctx = RunContext(options.model_copy(update={"device": device, "workers": 1, "worker_devices": None}))
