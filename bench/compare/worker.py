@@ -43,6 +43,9 @@ def main(argv=None) -> int:
                         help="where the model is pruned, calibrated and evaluated")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)
+    from agent_prune.heap import configure_heap
+
+    configure_heap()  # as the command line does: every method's time and memory under the CLI's heap
     jobs = {"oneshot": oneshot_job, "mop": mop_job, "agent": agent_job, "evaluate": evaluate_job}
     return jobs[args.job](args)
 
