@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from agent_prune.actions import dense_manifest
 from bench.compare import report
 from bench.compare.__main__ import main
+from bench.compare.agent_run import run_peak_mib
 from bench.compare.methods import (
     MAX_LAYER_CUT,
     channels_per_layer,
@@ -61,6 +63,11 @@ def test_every_method_reaches_the_target_and_the_table_is_written(tmp_path, thre
         for task in ("wikitext2", "freebaseqa", "arc_easy"):
             assert task in row["eval"]["tasks"]
         assert row["id"] in result["speed"]["0.2"]
+    # The loop resets the kernel's high-water mark at every node: its row's peak is the run's, from
+    # the trace, not the last node's.
+    agent = next(row for row in result["rows"].values() if row["method"] == "agent")
+    run_peak = run_peak_mib(Path(agent["state"]).parents[1])
+    assert run_peak > 0 and agent["cost"]["peak_rss_mib"] >= run_peak
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert set(saved["rows"]) == ROWS and saved["verdicts"]
     doc = (tmp_path / "docs" / "benchmarks.md").read_text()

@@ -37,6 +37,17 @@ def run_agent(model: str, data_dir: str, out: Path, target: float, planner: str,
     return start_run(options)
 
 
+def run_peak_mib(out: Path) -> float:
+    """The largest per-node peak RSS in the run's trace. The run resets the kernel's high-water mark
+    at every node (``agent.meter``), so the worker's own ``VmHWM`` at the end is only the last
+    node's peak."""
+    from agent_prune.agent.trace import read_trace
+
+    path = out / "trace.jsonl"
+    records = read_trace(path) if path.is_file() else []
+    return max((r.get("peak_rss_mb", 0.0) for r in records if r["event"] == "node"), default=0.0)
+
+
 def record_cost(out: Path, cost: dict) -> None:
     """Append one worker invocation's cost (a resumed run has several)."""
     path = out / COST_FILE

@@ -110,7 +110,7 @@ def mop_job(args) -> int:
 
 
 def agent_job(args) -> int:
-    from bench.compare.agent_run import record_cost, run_agent
+    from bench.compare.agent_run import record_cost, run_agent, run_peak_mib
 
     cost: dict = {"status": "stopped"}
     try:
@@ -121,6 +121,7 @@ def agent_job(args) -> int:
                                 args.recovery, **options)
         cost.update(status=summary.get("status"), sparsity=summary.get("sparsity"))
     finally:  # a stopped run still records what it cost so far (it resumes where it stopped)
+        cost["peak_rss_mib"] = max(cost.get("peak_rss_mib", 0.0), run_peak_mib(args.out))
         record_cost(args.out, cost)
     print(json.dumps(cost))
     return 0
