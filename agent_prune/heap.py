@@ -27,19 +27,22 @@ def configure_heap(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 2
 
     Every layer's forward allocates and frees activation-sized buffers (1-20 MB at 512 tokens on the
     shared model). Mapped, each is faulted in page by page again at every use: with a 1 MiB threshold
-    (the setting before this one) a loop scoring spent 17 s of 82 CPU seconds in the kernel and a
-    profile 15 of 40, over 200 million minor faults a 20% run. At 16 MiB they come from the heap and
-    the same work took 28 s instead of 41.5 and 12.5 s instead of 21 wall, same bits, for about
-    150 MiB more at the scoring peak (docs/benchmarks.md, "Heap settings"). A fixed threshold also
+    (the setting before this one) loop scoring spent 13.2 of 73 CPU seconds in the kernel and an
+    8-window profile 7.1 of 30, over 200 million minor faults a 20% run. At 16 MiB they come from the
+    heap and the same work took 31.0 s instead of 37.2 and 13.1 s instead of 15.7 wall, same bits,
+    for 70 MiB more at the scoring peak (docs/benchmarks.md, "Heap settings"). A fixed threshold also
     stops glibc raising it with every larger block freed (RSS growing with each buffer size seen).
-    Called once at the command line's start (and in each worker); a user's own ``MALLOC_*``
-    environment setting wins; a no-op where ``mallopt`` does not exist.
+    Called once at the command line's start (and in each worker); a user's own setting
+    (``MALLOC_*_THRESHOLD_``, or the thresholds in ``GLIBC_TUNABLES``) wins; glibc refuses an mmap
+    threshold over 32 MiB, and then neither is set; a no-op where ``mallopt`` does not exist.
     """
     if _LIBC is None or not hasattr(_LIBC, "mallopt"):
         return
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        _LIBC.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    own_mmap = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in tunables
+    if not own_mmap and not _LIBC.mallopt(M_MMAP_THRESHOLD, mmap_threshold):
+        return  # refused: leave glibc's dynamic thresholds as they are
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "trim_threshold" not in tunables:
         _LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 

@@ -80,9 +80,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if any(s != "glibc" and not 1 <= int(s) <= 32 for s in args.settings.split(",")):
+        parser.error("mmap thresholds are 1..32 MiB (glibc refuses larger ones)")
     results = []
     for setting in args.settings.split(","):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--data-dir", args.data_dir,
                               "--spill", args.spill, "--child", setting], env=env, check=True,
                              capture_output=True, text=True).stdout

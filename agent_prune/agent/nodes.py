@@ -133,7 +133,7 @@ class LoopNodes:
             iteration=iteration, num_layers=len(rows), current_sparsity=state["current"]["sparsity"],
             target_sparsity=ctx.options.target_sparsity, step_budget_params=budget,
             step_budget_fraction=budget / state["dense"]["prunable"],
-            remaining_params=math.ceil(self.remaining(state)), branches=ctx.options.branches,
+            remaining_params=self.remaining(state), branches=ctx.options.branches,
             layers=rows, history=history, reflections=state["reflections"][-5:],
             rejected_layers=state["rejected_layers"], hidden_size=ctx.hidden_size, head_dim=ctx.head_dim,
             pruners=profiling.available_pruners(profile),
@@ -151,9 +151,11 @@ class LoopNodes:
         step, remaining = fraction * dense["prunable"] * state["step_scale"], self.remaining(state)
         return max(1, int(remaining if remaining < (1 + ABSORBED_REMAINDER) * step else step))
 
-    def remaining(self, state: dict) -> float:
-        """Prunable parameters still to remove to reach the target."""
-        return (self.ctx.options.target_sparsity - state["current"]["sparsity"]) * state["dense"]["prunable"]
+    def remaining(self, state: dict) -> int:
+        """Prunable parameters still to remove to reach the target (rounded down: the planner's limit
+        and the build's are the same integer)."""
+        left = self.ctx.options.target_sparsity - state["current"]["sparsity"]
+        return int(left * state["dense"]["prunable"])
 
     # ---- build ---------------------------------------------------------------------------------
     def build(self, state: dict) -> dict:
@@ -163,7 +165,7 @@ class LoopNodes:
         profile = read_json(state["profile_path"])
         sizes = self.current_sizes(state)
         budget, remaining = state["budget"]["params"], self.remaining(state)
-        reaches_target = budget >= int(remaining)  # step_budget gave this step the whole remainder
+        reaches_target = budget >= remaining  # step_budget gave this step the whole remainder
         plans = {}
         if proposal.depth is not None:
             layers = size_depth(proposal.depth, sizes, budget, limit=remaining)

@@ -19,8 +19,9 @@ def _peak(records: list[dict]) -> float:
 
 
 def _cpu(records: list[dict]) -> dict:
-    """Summed CPU user and system seconds and minor page faults; None where no record has them."""
-    if not any("cpu_sys_s" in r for r in records):
+    """Summed CPU user and system seconds and minor page faults; None unless every record has them
+    (a run resumed across versions would otherwise show a partial sum)."""
+    if not records or not all("cpu_sys_s" in r for r in records):
         return {"cpu_user_s": None, "cpu_sys_s": None, "minor_faults": None}
     return {"cpu_user_s": round(sum(r.get("cpu_user_s", 0.0) for r in records), 1),
             "cpu_sys_s": round(sum(r.get("cpu_sys_s", 0.0) for r in records), 1),

@@ -229,12 +229,14 @@ class LoopJob:
                 for s in accepted_steps(self.dir) if s["step"] > 0]
 
     def rows(self, targets: list[float]) -> list[dict]:
-        from bench.compare.agent_run import COST_FILE, nearest_step
+        from bench.compare.agent_run import COST_FILE, nearest_step, run_peak_mib
 
         steps = self.steps()
         invocations = read_json(self.dir / COST_FILE) if (self.dir / COST_FILE).is_file() else []
         peaks = [c.get("peak_rss_mib", 0.0) for c in invocations]
         live = _live_peak_mib(self.dir)
+        if live:  # the loop resets VmHWM at each node: its trace holds the earlier nodes' peaks
+            live = max(live, run_peak_mib(self.dir))
         peak = max([*peaks, *([live] if live else [])], default=None)
         run_seconds = sum(c.get("seconds", 0.0) for c in invocations)
         status = "still running" if live else f"whole run {run_seconds / 60:.0f} min wall"

@@ -54,5 +54,5 @@ def test_cpu_time_and_page_faults_are_the_stretchs_own():
     assert busy.minor_faults >= 64 * MIB // (2 * MIB)  # one a page: at least one per 2 MiB huge page
     assert idle.minor_faults < busy.minor_faults
     figures = busy.figures()
-    assert figures["cpu_sys_s"] >= 0 and figures["cpu_user_s"] >= 0
+    assert {"cpu_user_s", "cpu_sys_s"} <= figures.keys()
     assert figures["minor_faults"] == busy.minor_faults

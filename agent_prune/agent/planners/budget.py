@@ -73,9 +73,9 @@ def budget_problems(proposal: Proposal, context: PlannerContext) -> list[str]:
     if proposal.depth is not None and proposal.depth.layers:
         limit = depth_limit(context)
         if "depth" not in open_branches(context):
-            problems.append(f"depth is not possible this step: every removable layer has more than "
-                            f"{limit:,.0f} parameters ({MAX_OVERSHOOT:g}x the step budget of {budget:,}, "
-                            "or what is left to the target); use null for depth")
+            problems.append(f"depth is not possible this step: every layer is protected, just rolled "
+                            f"back, or has more than {limit:,.0f} parameters ({MAX_OVERSHOOT:g}x the step "
+                            f"budget of {budget:,}, or what is left to the target); use null for depth")
         elif not size_depth(proposal.depth, layer_sizes(context), budget, limit=context.remaining_params):
             first = context.layer(proposal.depth.layers[0])
             problems.append(f"depth.layers starts with layer {first.index} ({first.params:,} "
