@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,16 +34,14 @@ def apply_setting(setting: str) -> None:
 
 
 def measure(name: str, work):
-    from agent_prune.agent.meter import reset_rss_peak, rss_bytes
+    """``work()`` and its row, measured as the trace measures a node (``agent.meter.Meter``)."""
+    from agent_prune.agent.meter import Meter
 
-    reset_rss_peak()
-    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    result = work()
-    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - started
-    row = {"what": name, "wall_s": round(wall, 1), "user_s": round(after.ru_utime - before.ru_utime, 1),
-           "sys_s": round(after.ru_stime - before.ru_stime, 1),
-           "minor_faults_M": round((after.ru_minflt - before.ru_minflt) / 1e6, 2),
-           "peak_rss_mib": rss_bytes()[1] // MIB}
+    with Meter() as meter:
+        result = work()
+    row = {"what": name, "wall_s": round(meter.seconds, 1), "user_s": round(meter.cpu_user, 1),
+           "sys_s": round(meter.cpu_sys, 1), "minor_faults_M": round(meter.minor_faults / 1e6, 2),
+           "peak_rss_mib": meter.peak // MIB}
     return result, row
 
 

@@ -23,9 +23,9 @@ def _cpu(records: list[dict]) -> dict:
     (a run resumed across versions would otherwise show a partial sum)."""
     if not records or not all("cpu_sys_s" in r for r in records):
         return {"cpu_user_s": None, "cpu_sys_s": None, "minor_faults": None}
-    return {"cpu_user_s": round(sum(r.get("cpu_user_s", 0.0) for r in records), 1),
-            "cpu_sys_s": round(sum(r.get("cpu_sys_s", 0.0) for r in records), 1),
-            "minor_faults": sum(r.get("minor_faults", 0) for r in records)}
+    return {"cpu_user_s": round(sum(r["cpu_user_s"] for r in records), 1),
+            "cpu_sys_s": round(sum(r["cpu_sys_s"] for r in records), 1),
+            "minor_faults": sum(r["minor_faults"] for r in records)}
 
 
 def _cpu_cells(row: dict) -> str:
