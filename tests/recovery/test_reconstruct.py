@@ -3,8 +3,11 @@ import copy
 import pytest
 import torch
 
+from agent_prune.actions import PruneWidth, apply_actions, dense_manifest
 from agent_prune.errors import InputError
-from agent_prune.recovery.reconstruct import reconstruct
+from agent_prune.models.adapters import adapter_for
+from agent_prune.recovery.layout import kept_inputs
+from agent_prune.recovery.reconstruct import ATTN_OUT, MLP_OUT, reconstruct
 from tests.conftest import tiny_model
 from tests.recovery.surgery import cut_kv_group, cut_mlp, drop_layers
 
@@ -79,17 +82,47 @@ def test_bad_inputs_are_one_line_errors():
 
 def test_layers_before_the_first_change_would_refit_to_what_they_hold():
     """The loop passes the first layer a step changes; skipping the layers before it gives the same
-    weights as refitting everything again."""
+    weights as refitting everything again (the ridge pulls toward the dense weights, not toward the
+    last refit, so a second refit on the same inputs lands where the first did)."""
     dense = tiny_model("llama")
-    first = cut_mlp(dense, 48)
-    reconstruct(first, dense, range(4), windows())
-    again = cut_mlp(first, 40, layers=[2])  # the next step thins layer 2 further
-    full, skipped = copy.deepcopy(again), copy.deepcopy(again)
-    reconstruct(full, dense, range(4), windows())
-    report = reconstruct(skipped, dense, range(4), windows(), first_changed=2)
+    first = copy.deepcopy(dense)
+    manifest = apply_actions(first, [PruneWidth(layer=i, mlp_channels=16) for i in range(4)],
+                             dense_manifest(first))
+    reconstruct(first, dense, manifest, windows())
+    manifest = apply_actions(first, [PruneWidth(layer=2, mlp_channels=8)], manifest)  # layer 2 thinner
+    full, skipped = copy.deepcopy(first), copy.deepcopy(first)
+    reconstruct(full, dense, copy.deepcopy(manifest), windows())
+    report = reconstruct(skipped, dense, copy.deepcopy(manifest), windows(), first_changed=2)
     assert [layer.modules for layer in report.layers[:2]] == [[], []]
     for key, value in full.state_dict().items():
         torch.testing.assert_close(skipped.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_prior_is_the_dense_weight_on_the_kept_inputs(family):
+    """Right after a cut, the dense projection's columns that ``kept_inputs`` names are the pruned
+    projection's weight, column for column (heads and MLP channels, unevenly cut)."""
+    dense = tiny_model(family)
+    model = copy.deepcopy(dense)
+    manifest = apply_actions(model, [PruneWidth(layer=0, heads=1, mlp_channels=40),
+                                     PruneWidth(layer=2, mlp_channels=16)], dense_manifest(model))
+    adapter = adapter_for(model)
+    for index in (0, 2):
+        kept = kept_inputs(manifest, index, adapter.head_dim)
+        pruned, full = adapter.layers()[index], adapter_for(dense).layers()[index]
+        for module in (ATTN_OUT, MLP_OUT):
+            cut, original = pruned.get_submodule(module).weight, full.get_submodule(module).weight
+            assert torch.equal(original[:, kept[module]], cut)
+    assert kept_inputs([0, 1, 2, 3], 0, adapter.head_dim) is None
+
+
+def test_a_strong_ridge_keeps_the_dense_weights():
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    manifest = apply_actions(model, [PruneWidth(layer=1, mlp_channels=24)], dense_manifest(model))
+    cut = adapter_for(model).layers()[1].mlp.down_proj.weight.clone()
+    reconstruct(model, dense, manifest, windows(), ridge=1e6)
+    torch.testing.assert_close(adapter_for(model).layers()[1].mlp.down_proj.weight, cut, rtol=1e-4, atol=1e-6)
 
 
 def test_moving_the_stream_by_the_projection_change_equals_a_second_pass(monkeypatch):

@@ -23,3 +23,17 @@ def test_ridge_shrinks_toward_zero_and_dead_features_get_zero_weight():
     light, heavy = solve_ridge(xtx, xty, 1e-6), solve_ridge(xtx, xty, 10.0)
     assert torch.all(light[:, 2] == 0)
     assert heavy.norm() < light.norm()
+
+
+def test_ridge_pulls_toward_the_prior_and_dead_features_keep_it():
+    torch.manual_seed(0)
+    x = torch.randn(200, 6)
+    x[:, 2] = 0  # a feature that never fires
+    truth, prior = torch.randn(3, 6), torch.randn(3, 6)
+    xtx, xty = (x.T @ x).double(), (x.T @ (x @ truth.T)).double()
+    light = solve_ridge(xtx, xty, 1e-6, prior.double())
+    heavy = solve_ridge(xtx, xty, 1e3, prior.double())
+    live = [0, 1, 3, 4, 5]
+    assert torch.allclose(light[:, live].float(), truth[:, live], atol=1e-3)  # the data decide
+    assert torch.allclose(heavy.float(), prior, atol=1e-2)  # the prior decides
+    assert torch.allclose(light[:, 2].float(), prior[:, 2])  # nothing to fit: the prior's weight
