@@ -63,6 +63,7 @@ class ReconstructionReport(BaseModel):
     fit_tokens: int
     heldout_tokens: int
     ridge: float
+    prior: str
     seconds: float
 
 
@@ -78,6 +79,7 @@ def reconstruct(
     windows: torch.Tensor,
     *,
     ridge: float = DEFAULT_RIDGE,
+    prior: str = "dense",
     heldout: int = 0,
     scope: str = "touched",
     first_changed: int = 0,
@@ -87,16 +89,19 @@ def reconstruct(
     """Refit ``pruned`` in place toward ``dense``'s sub-blocks; returns per-layer errors.
 
     ``manifest`` is the pruning manifest (refit modules are marked overridden in it, so checkpoints
-    keep their values) or just the dense index of each pruned layer. The last ``heldout`` windows are
-    not fitted on, only measured. ``scope``: ``touched`` refits the projections whose inputs were
-    cut; ``all`` refits both projections of every layer. ``first_changed``: the first layer whose
-    weights or inputs differ from when the model was last reconstructed on the same ``windows``;
-    layers before it would refit to what they hold, so they are only walked through.
+    keep their values) or just the dense index of each pruned layer. ``prior``: what the ridge pulls
+    toward, ``dense`` (the dense projection's weight on the kept inputs, from the manifest; with a
+    plain list of sources, the projection's weight as it is, the same for a layer cut once) or
+    ``zero`` (plain ridge regression, this package's refit before 2026-12-06). The last ``heldout``
+    windows are not fitted on, only measured. ``scope``: ``touched`` refits the projections whose
+    inputs were cut; ``all`` refits both projections of every layer. ``first_changed``: the first
+    layer whose weights or inputs differ from when the model was last reconstructed on the same
+    ``windows``; layers before it would refit to what they hold, so they are only walked through.
     """
     started = time.perf_counter()
     sources = layer_sources(manifest)
     p_adapter, d_adapter = adapter_for(pruned), adapter_for(dense)
-    _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope)
+    _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope, prior)
     windows = windows.to(next(pruned.parameters()).device)  # calibration ids may sit on the CPU
     n_fit = windows.shape[0] - heldout
     plan = [_modules_to_refit(p_adapter, d_adapter, layer, d_adapter.layers()[source], scope)
@@ -115,7 +120,7 @@ def reconstruct(
             records.append(_record(index, source, [], {}, None))
             continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
-        kept = kept_inputs(manifest, index, d_adapter.head_dim)
+        kept = kept_inputs(manifest, index, d_adapter.head_dim) if prior == "dense" else {}
         with materialized(layer, write=bool(modules)), materialized(dense_layer):  # offloaded: one pair
             after, before = _refit_layer(p_adapter, d_adapter, layer, dense_layer, modules, stream, parts,
                                          kwargs[index], ridge, kept)
@@ -127,7 +132,8 @@ def reconstruct(
             progress(index + 1, len(sources))
     return ReconstructionReport(
         layers=records, overrides=overrides, fit_tokens=n_fit * windows.shape[1],
-        heldout_tokens=heldout * windows.shape[1], ridge=ridge, seconds=time.perf_counter() - started,
+        heldout_tokens=heldout * windows.shape[1], ridge=ridge, prior=prior,
+        seconds=time.perf_counter() - started,
     )
 
 
@@ -136,7 +142,9 @@ def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.M
                  kept: dict[str, list[int]] | None = None) -> tuple[_Errors | None, dict[str, _Errors]]:
     """Refit ``modules`` of one layer toward the dense layer's sub-blocks and move the stream on
     through it; returns the errors after (of the last refitted block) and before each refit.
-    ``kept``: the dense input features each projection kept (:func:`.layout.kept_inputs`)."""
+    ``kept``: the dense input features each projection kept (:func:`.layout.kept_inputs`): the ridge
+    pulls toward the dense weight on them; None: toward the projection's weight as it is; empty:
+    toward zero."""
     blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
                          p_adapter.attention_projections(layer)["o_proj"]),
               MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
@@ -149,7 +157,7 @@ def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.M
     shortcut = bool(modules) and modules[-1] == MLP_OUT and p_adapter.projections_feed_residual(layer)
     before, seen = {}, None
     for m in modules:
-        prior = dense_out[m].weight[:, kept[m]] if kept is not None else None
+        prior = _prior(kept, m, blocks[m][2], dense_out[m])
         before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge, prior,
                                  keep=shortcut and m == modules[-1])
     if seen is not None:
@@ -158,7 +166,15 @@ def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.M
     return _advance(layer, watched, stream, parts, kwargs), before
 
 
-def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope) -> None:
+def _prior(kept: dict[str, list[int]] | None, module: str, projection: nn.Linear,
+           dense_projection: nn.Linear) -> torch.Tensor | None:
+    """What the ridge pulls ``projection`` toward (``kept`` as in :func:`_refit_layer`)."""
+    if kept is None:  # no manifest: the weight as it is (the dense one, for a layer cut once)
+        return projection.weight
+    return dense_projection.weight[:, kept[module]] if kept else None
+
+
+def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope, prior) -> None:
     if len(sources) != p_adapter.num_layers:
         raise InputError(f"{len(sources)} layer sources for a model with {p_adapter.num_layers} layers",
                          "pass the manifest that produced this pruned model")
@@ -168,6 +184,8 @@ def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope) -> Non
     if windows.ndim != 2 or not 0 <= heldout < windows.shape[0]:
         raise InputError(f"need (windows, seqlen) token ids with fewer than {windows.shape[0]} held out",
                          "pass more calibration windows or hold out fewer")
+    if prior not in ("dense", "zero"):
+        raise InputError(f"unknown reconstruction prior '{prior}'", "use dense or zero")
     if scope not in ("touched", "all"):
         raise InputError(f"unknown reconstruction scope '{scope}'", "use touched or all")
 
@@ -237,10 +255,9 @@ def _refit(layer: nn.Module, block: nn.Module, dense_block: nn.Module, projectio
     the inputs the pruned layer feeds it; returns the errors before the refit and, with ``keep``,
     what each part of the stream saw (for :func:`_advance_by_projection`).
 
-    The ridge pulls toward ``prior``: the dense projection's weight on the kept inputs, so that a
-    layer refitted again at a later step is pulled toward the same weights, not toward its last
-    refit (which would weaken the ridge step by step). Without one (no manifest), the projection's
-    weight as it is, which is the same thing for a layer cut once."""
+    The ridge pulls toward ``prior`` (zero when None). The dense projection's weight on the kept
+    inputs is the one to use: a layer refitted again at a later step is then pulled toward the same
+    weights, not toward its last refit (which would weaken the ridge step by step)."""
     collector = LeastSquaresCollector(projection.in_features, projection.out_features)
     watch = _DenseTargets(block, dense_block)
     watch.errors = before = _Errors()
@@ -256,7 +273,6 @@ def _refit(layer: nn.Module, block: nn.Module, dense_block: nn.Module, projectio
                     kept.append(_Seen(seen.inputs, seen.outputs, watch.target, out))
     finally:
         watch.remove()
-    prior = projection.weight if prior is None else prior
     projection.weight.copy_(collector.solve(ridge, prior).to(projection.weight.dtype))
     collector.free()
     return before, kept

@@ -116,13 +116,19 @@ def test_the_prior_is_the_dense_weight_on_the_kept_inputs(family):
     assert kept_inputs([0, 1, 2, 3], 0, adapter.head_dim) is None
 
 
-def test_a_strong_ridge_keeps_the_dense_weights():
+def test_a_strong_ridge_keeps_the_dense_weights_and_a_zero_prior_shrinks_them():
     dense = tiny_model("llama")
     model = copy.deepcopy(dense)
     manifest = apply_actions(model, [PruneWidth(layer=1, mlp_channels=24)], dense_manifest(model))
+    shrunk = copy.deepcopy(model)
     cut = adapter_for(model).layers()[1].mlp.down_proj.weight.clone()
-    reconstruct(model, dense, manifest, windows(), ridge=1e6)
+    report = reconstruct(model, dense, manifest, windows(), ridge=1e6)
+    assert report.prior == "dense"
     torch.testing.assert_close(adapter_for(model).layers()[1].mlp.down_proj.weight, cut, rtol=1e-4, atol=1e-6)
+    reconstruct(shrunk, dense, copy.deepcopy(manifest), windows(), ridge=1e6, prior="zero")
+    assert adapter_for(shrunk).layers()[1].mlp.down_proj.weight.norm() < 1e-3 * cut.norm()
+    with pytest.raises(InputError, match="prior"):
+        reconstruct(shrunk, dense, manifest, windows(), prior="previous")
 
 
 def test_moving_the_stream_by_the_projection_change_equals_a_second_pass(monkeypatch):
