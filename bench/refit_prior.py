@@ -18,7 +18,6 @@ raw test perplexity, seqlen 512, first 32 windows. A row is ``PRIOR:RIDGE:FIT``,
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -28,18 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent_prune.actions import apply_actions, dense_manifest
-from agent_prune.agent.candidates import mlp_channel_cost
 from agent_prune.data.corpora import c4_documents, calibration_windows
 from agent_prune.data.sources import resolve_data_dir
 from agent_prune.heap import configure_heap
 from agent_prune.io import atomic_write_json
-from agent_prune.models.accounting import count_parameters
 from agent_prune.models.loading import load_model
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
 from bench._shared import perplexity
-from bench.compare.methods import channels_per_layer
+from bench.width_pruners import mlp_cut
 
 PROFILE_WINDOWS = 32
 HELDOUT = slice(64, 72)
@@ -70,17 +66,12 @@ def main(argv=None) -> int:
     windows = calibration_windows(loaded.tokenizer, c4_documents(data_dir), HELDOUT.stop, 512, seed=0)
     profile = profile_model(dense, windows[:PROFILE_WINDOWS], gradients=False)
     structures = profile.structure_scores("l2")
-    prunable = count_parameters(dense).prunable
-    total = round(args.sparsity * prunable / mlp_channel_cost(loaded.adapter.hidden_size))
-    counts = channels_per_layer([s["mlp_channels"] for s in structures], total, "global")
-    actions = [{"kind": "prune_width", "layer": i, "mlp_channels": c} for i, c in enumerate(counts) if c]
     results = []
     for row in args.rows.split(","):
         prior, ridge, fit = row.split(":")
         if int(fit) > HELDOUT.start:
             raise SystemExit(f"at most {HELDOUT.start} fitted windows (the rest are held out)")
-        model = copy.deepcopy(dense)
-        manifest = apply_actions(model, actions, dense_manifest(model), scores=dict(enumerate(structures)))
+        model, manifest, _ = mlp_cut(dense, args.sparsity, structures, structures, "global")
         started = time.perf_counter()
         report = reconstruct(model, dense, manifest, torch.cat([windows[: int(fit)], windows[HELDOUT]]),
                              ridge=float(ridge), prior=prior, heldout=HELDOUT.stop - HELDOUT.start)

@@ -36,6 +36,7 @@ from agent_prune.data.corpora import c4_documents, calibration_windows
 from agent_prune.data.sources import resolve_data_dir
 from agent_prune.io import atomic_write_json
 from agent_prune.models.accounting import count_parameters
+from agent_prune.models.adapters import adapter_for
 from agent_prune.models.loading import load_model
 from agent_prune.recovery.bias import compensate_biases
 from agent_prune.recovery.reconstruct import reconstruct
@@ -58,6 +59,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def mlp_cut(dense, sparsity: float, structures: list[dict], sizing: list[dict], allocation: str):
+    """(model, manifest, channels cut per layer): a copy of ``dense`` with ``sparsity`` of its prunable
+    parameters removed as MLP channels, each layer's count set by ``allocation`` over the ``sizing``
+    scores and the channels inside it chosen by the ``structures`` scores (profile structure scores)."""
+    channel = mlp_channel_cost(adapter_for(dense).hidden_size)
+    total = round(sparsity * count_parameters(dense).prunable / channel)
+    counts = channels_per_layer([s["mlp_channels"] for s in sizing], total, allocation)
+    actions = [{"kind": "prune_width", "layer": i, "mlp_channels": c} for i, c in enumerate(counts) if c]
+    model = copy.deepcopy(dense)
+    manifest = apply_actions(model, actions, dense_manifest(model), scores=dict(enumerate(structures)))
+    return model, manifest, counts
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = resolve_data_dir(args.data_dir)
@@ -72,17 +86,13 @@ def main(argv=None) -> int:
                             **damping)
     profile_s = time.perf_counter() - started
     prunable = count_parameters(dense).prunable
-    total = round(args.sparsity * prunable / mlp_channel_cost(loaded.adapter.hidden_size))
     results = []
     for score, allocation, compensation in rows:
         started = time.perf_counter()
         structures = profile.structure_scores(score)
         allocation, _, sized_by = allocation.partition("-")
         sizing = profile.structure_scores(sized_by) if sized_by else structures
-        counts = channels_per_layer([s["mlp_channels"] for s in sizing], total, allocation)
-        actions = [{"kind": "prune_width", "layer": i, "mlp_channels": c} for i, c in enumerate(counts) if c]
-        model = copy.deepcopy(dense)
-        manifest = apply_actions(model, actions, dense_manifest(model), scores=dict(enumerate(structures)))
+        model, manifest, counts = mlp_cut(dense, args.sparsity, structures, sizing, allocation)
         if "bias" in compensation.split("+"):
             compensate_biases(dense, model, dense_manifest(dense), manifest,
                               [layer.input_means for layer in profile.layers])

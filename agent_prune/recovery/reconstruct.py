@@ -120,10 +120,10 @@ def reconstruct(
             records.append(_record(index, source, [], {}, None))
             continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
-        kept = kept_inputs(manifest, index, d_adapter.head_dim) if prior == "dense" else {}
         with materialized(layer, write=bool(modules)), materialized(dense_layer):  # offloaded: one pair
+            priors = _priors(prior, manifest, index, p_adapter, d_adapter, layer, dense_layer)
             after, before = _refit_layer(p_adapter, d_adapter, layer, dense_layer, modules, stream, parts,
-                                         kwargs[index], ridge, kept)
+                                         kwargs[index], ridge, priors)
         records.append(_record(index, source, modules, before, after))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
@@ -139,26 +139,21 @@ def reconstruct(
 
 def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module,
                  modules: list[str], stream: torch.Tensor, parts, kwargs: dict, ridge: float,
-                 kept: dict[str, list[int]] | None = None) -> tuple[_Errors | None, dict[str, _Errors]]:
-    """Refit ``modules`` of one layer toward the dense layer's sub-blocks and move the stream on
-    through it; returns the errors after (of the last refitted block) and before each refit.
-    ``kept``: the dense input features each projection kept (:func:`.layout.kept_inputs`): the ridge
-    pulls toward the dense weight on them; None: toward the projection's weight as it is; empty:
-    toward zero."""
+                 priors: dict[str, torch.Tensor | None]) -> tuple[_Errors | None, dict[str, _Errors]]:
+    """Refit ``modules`` of one layer toward the dense layer's sub-blocks (the ridge pulling each
+    toward its entry of ``priors``) and move the stream on through it; returns the errors after (of
+    the last refitted block) and before each refit."""
     blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
                          p_adapter.attention_projections(layer)["o_proj"]),
               MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
                         p_adapter.mlp_projections(layer)["down_proj"])}
-    dense_out = {ATTN_OUT: d_adapter.attention_projections(dense_layer)["o_proj"],
-                 MLP_OUT: d_adapter.mlp_projections(dense_layer)["down_proj"]}
     # When the MLP's down_proj is refitted last and its output goes straight into the residual
     # stream, the refit pass keeps what it saw and the stream moves on by the change of that
     # projection's output alone: no second pass through the layer.
     shortcut = bool(modules) and modules[-1] == MLP_OUT and p_adapter.projections_feed_residual(layer)
     before, seen = {}, None
     for m in modules:
-        prior = _prior(kept, m, blocks[m][2], dense_out[m])
-        before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge, prior,
+        before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge, priors[m],
                                  keep=shortcut and m == modules[-1])
     if seen is not None:
         return _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts), before
@@ -166,12 +161,21 @@ def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.M
     return _advance(layer, watched, stream, parts, kwargs), before
 
 
-def _prior(kept: dict[str, list[int]] | None, module: str, projection: nn.Linear,
-           dense_projection: nn.Linear) -> torch.Tensor | None:
-    """What the ridge pulls ``projection`` toward (``kept`` as in :func:`_refit_layer`)."""
-    if kept is None:  # no manifest: the weight as it is (the dense one, for a layer cut once)
-        return projection.weight
-    return dense_projection.weight[:, kept[module]] if kept else None
+def _priors(prior: str, manifest: Layout, index: int, p_adapter: FamilyAdapter, d_adapter: FamilyAdapter,
+            layer: nn.Module, dense_layer: nn.Module) -> dict[str, torch.Tensor | None]:
+    """What the ridge pulls each output projection of current layer ``index`` toward (``reconstruct``'s
+    ``prior``): None (zero), the dense weight on the inputs the manifest says it kept, or without a
+    manifest the projection's weight as it is (the dense one, for a layer cut once)."""
+    projections = {ATTN_OUT: (p_adapter.attention_projections(layer)["o_proj"],
+                              d_adapter.attention_projections(dense_layer)["o_proj"]),
+                   MLP_OUT: (p_adapter.mlp_projections(layer)["down_proj"],
+                             d_adapter.mlp_projections(dense_layer)["down_proj"])}
+    if prior == "zero":
+        return dict.fromkeys(projections)
+    kept = kept_inputs(manifest, index, d_adapter.head_dim)
+    if kept is None:
+        return {m: pruned.weight for m, (pruned, _) in projections.items()}
+    return {m: dense.weight[:, kept[m]] for m, (_, dense) in projections.items()}
 
 
 def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope, prior) -> None:

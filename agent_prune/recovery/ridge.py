@@ -6,10 +6,11 @@ that, on calibration tokens, it reproduces a target ``t`` as well as a linear ma
     W* = argmin_W  sum_n ||W x_n - t_n||^2 + ||(W - W0) D^(1/2)||^2
        = (T^T X + W0 D)(X^T X + D)^{-1},      D = ridge * diag(X^T X)
 
-``W0`` (the prior) is the projection's weight before the refit: the ridge pulls the solution toward
-the weights the model already has, not toward zero, so a strong ridge means "change little" rather
-than "shrink every weight" (docs/benchmarks.md, "The refit's prior": shrinking toward zero with a
-ridge of 0.1 made the 10% model worse than no refit at all, 44.2 against 37.8).
+``W0`` (the prior; reconstruction passes the dense projection's weight on the kept inputs): the ridge
+pulls the solution toward the weights the dense model had, not toward zero, so a strong ridge means
+"change little" rather than "shrink every weight" (docs/benchmarks.md, "The refit's prior":
+shrinking toward zero with a ridge of 0.1 made the 10% model worse than no refit at all, 44.2
+against 37.8).
 
 Only ``X^T X`` (d_in x d_in) and ``X^T T`` (d_in x d_out) are kept, accumulated batch by batch in
 float64 (per-batch products in float32), so the calibration set never has to sit in memory (the
