@@ -208,3 +208,31 @@ def test_depth_never_takes_more_than_is_left_to_the_target():
     assert parse_proposal({"rationale": "x", "depth": {"layers": [7, 5]}}, thinned).depth.layers == [7, 5]
     with pytest.raises(ReplyProblem, match=r"starts with layer 5 .* more than the 2,000,000 this step may"):
         parse_proposal({"rationale": "x", "depth": {"layers": [5, 7]}}, thinned)
+
+
+def test_the_heuristic_rests_depth_after_two_decisive_losses_and_tries_it_again_later():
+    from agent_prune.agent.planners.heuristic import heuristic_proposal
+    from agent_prune.agent.planners.prompting import history_lines
+    from agent_prune.agent.proposal import StepRecord
+
+    def step(iteration: int, rival_z: float | None, branch: str = "width") -> StepRecord:
+        rival = None if rival_z is None else ("width" if branch == "depth" else "depth")
+        return StepRecord(iteration=iteration, branch=branch, summary="s", sparsity=0.03 * iteration,
+                          perplexity=25.0, rival=rival, rival_z=rival_z)
+
+    def at(iteration: int, *history: StepRecord):
+        context = example_context(num_layers=12, history=0)
+        update = {"iteration": iteration, "history": list(history)}
+        return heuristic_proposal(context.model_copy(update=update))
+
+    lost_twice = (step(1, 5.9), step(2, 8.0))
+    rested = at(3, *lost_twice)
+    assert rested.depth is None and rested.width is not None
+    assert "lost its last 2 tries (z +5.9, z +8.0)" in rested.rationale
+    assert at(4, *lost_twice, step(3, None)).depth is None
+    assert at(5, *lost_twice, step(3, None), step(4, None)).depth is not None  # three iterations on
+    assert at(3, step(1, 5.9), step(2, 1.5)).depth is not None  # one loss inside the noise
+    assert at(3, step(1, 5.9, branch="depth"), step(2, 8.0)).depth is not None  # depth won a step
+    assert at(2, step(1, 9.0)).depth is not None  # one try is not enough
+    assert "paired lead over the depth candidate z +8.0" in history_lines(
+        example_context(history=0).model_copy(update={"history": list(lost_twice)}))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 from agent_prune.agent.options import Gates
-from agent_prune.evaluation.loop import SignalRecord, compare_records, gate_records
+from agent_prune.evaluation.loop import METRICS, SignalRecord, compare_records, gate_records
 
 HEADLINE = ("perplexity", "mc_accuracy", "mc_margin", "kl")
 
@@ -31,6 +31,19 @@ def history_metrics(candidate: dict) -> dict:
     metrics = candidate.get("metrics", {})
     return {"perplexity": metrics["perplexity"]["value"],
             "probe_accuracy": metrics.get("mc_accuracy", {}).get("value")}
+
+
+def rival_margin(decision: dict) -> dict:
+    """The kept candidate's rival and its lead in standard errors on the first paired comparison
+    (the selection signal): positive when the kept one was better."""
+    first = next((c for c in decision.get("comparisons", []) if "z" in c), None)
+    if first is None or decision.get("branch") not in (first["a"], first["b"]):
+        return {"rival": None, "rival_z": None}
+    # z is of a - b in the metric's own units: a positive z favours b when lower is better
+    b_lead = -first["z"] if METRICS[first["metric"]][1] else first["z"]
+    kept_is_b = decision["branch"] == first["b"]
+    return {"rival": first["a"] if kept_is_b else first["b"],
+            "rival_z": round(b_lead if kept_is_b else -b_lead, 2)}
 
 
 def describe_actions(actions: list[dict]) -> str:

@@ -265,7 +265,8 @@ class LoopNodes:
             summary = f"{chosen['branch']}: " + decisions.describe_actions(chosen["actions"])
             record = StepRecord(iteration=iteration, branch=chosen["branch"], summary=summary,
                                 pruner=chosen.get("pruner") if chosen["branch"] == "width" else None,
-                                sparsity=chosen["sparsity"], **decisions.history_metrics(chosen))
+                                sparsity=chosen["sparsity"], **decisions.history_metrics(chosen),
+                                **decisions.rival_margin(decision))
             update.update(
                 current={"step": step, "dir": str(step_dir), "sparsity": chosen["sparsity"],
                          "params": chosen["params"], "record": str(step_dir / "signals.json")},

@@ -38,6 +38,10 @@ class StepRecord(BaseModel):
     perplexity: float
     probe_accuracy: float | None = None
     pruner: str | None = None  # width steps: the pruner that chose the structures
+    rival: str | None = Field(None, description="the other candidate of this step (None: it had one)")
+    rival_z: float | None = Field(None, description="how many standard errors the kept candidate was "
+                                                    "ahead of the rival on the paired signal that "
+                                                    "decided (negative: kept behind it, by the gates)")
 
 
 class PlannerContext(BaseModel):

@@ -2,7 +2,7 @@
 
 import math
 
-from agent_prune.agent.decisions import decide
+from agent_prune.agent.decisions import decide, rival_margin
 from agent_prune.agent.options import Gates
 from agent_prune.evaluation.loop import SignalRecord
 from agent_prune.evaluation.stats import mean_estimate, perplexity_estimate
@@ -36,3 +36,22 @@ def test_a_full_tie_says_so_and_goes_to_the_smaller_model_then_to_depth():
     assert smaller["branch"] == "width" and "tie on the signals, fewer parameters" in smaller["reason"]
     equal = decide(same, {"depth": 100, "width": 100}, DENSE, DENSE, gates)
     assert equal["branch"] == "depth" and "depth preferred" in equal["reason"]
+
+
+def test_the_history_keeps_the_rival_and_the_kept_candidates_lead_in_standard_errors():
+    worse = [x + 0.3 + 0.01 * i for i, x in enumerate(NOISY)]
+    gates = Gates(max_step_ppl_increase=None)
+    width_won = decide({"depth": record(worse, [0.1] * 6), "width": record(NOISY, [0.1] * 6)},
+                       {"depth": 100, "width": 100}, DENSE, DENSE, gates)
+    lead = rival_margin(width_won)
+    assert lead["rival"] == "depth" and lead["rival_z"] > 10  # +0.3 nats with SE under 0.01
+    depth_won = decide({"depth": record(NOISY, [0.1] * 6), "width": record(worse, [0.1] * 6)},
+                       {"depth": 100, "width": 100}, DENSE, DENSE, gates)
+    assert rival_margin(depth_won) == {"rival": "width", "rival_z": lead["rival_z"]}
+    # on a higher-is-better signal the sign follows the kept candidate too
+    surer = [0.2 + 0.01 * i for i in range(6)]
+    by_margin = decide({"depth": record(NOISY, [0.1] * 6), "width": record(NOISY, surer)},
+                       {"depth": 100, "width": 100}, DENSE, DENSE, gates, select_by="mc_margin")
+    assert by_margin["branch"] == "width" and rival_margin(by_margin)["rival_z"] > 2
+    alone = decide({"width": record(NOISY, [0.1] * 6)}, {"width": 100}, DENSE, DENSE, gates)
+    assert rival_margin(alone) == {"rival": None, "rival_z": None}

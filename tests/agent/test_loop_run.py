@@ -23,6 +23,16 @@ def test_full_run_with_reconstruction_reaches_a_small_target(tmp_path):
         assert kind in events
     built = [r for r in records if r["event"] == "candidate_built"]
     assert built and all(r["recovery"]["method"] == "reconstruct" for r in built), built
+    # each accepted step reaches later planners with the rival it beat and by how much
+    decided = {r["iteration"]: r for r in records if r["event"] == "decision" and r["accepted"]}
+    later = [r for r in records if r["event"] == "plan" and r["context"]["history"]]
+    assert later, "the tiny run takes more than one step"
+    for plan in later:
+        for step in plan["context"]["history"]:
+            comparison = decided[step["iteration"]]["comparisons"]
+            assert (step["rival"] is None) == (not comparison), step
+            if comparison:
+                assert abs(step["rival_z"]) == round(abs(comparison[0]["z"]), 2)
     assert (run / "model" / "config.json").is_file()
     assert (run / "report.md").is_file()
     saved = json.loads((run / "summary.json").read_text())

@@ -5,6 +5,8 @@ Rule (documented in the README):
   (ShortGPT, Gromov et al.: a layer that barely changes its input is expendable); propose them
   least important first, never the first or last layer, protected layers, layers whose removal
   was just rolled back, or layers larger than the step may remove (``budget.removable_layers``).
+  No depth candidate while layer removal lost its last ``DEPTH_PATIENCE`` tries by at least
+  ``DEPTH_HOPELESS_Z`` standard errors, until ``DEPTH_RETRY_AFTER`` iterations after its last try.
 - width: MLP channels only (on GQA models a single KV group is a large share of a layer's
   attention), chosen by the L2 pruner, in the per-layer amounts the profile suggests (``mlp_cut``:
   the step's channels ranked across layers by standardised L2 score, FLAP-style,
@@ -29,6 +31,13 @@ from agent_prune.agent.proposal import (
 )
 
 DEPTH_METRICS = ("block_influence", "angular_distance")
+# A depth candidate costs a build and a scoring (about a third of an iteration on the shared model);
+# where removal loses by 5-8 standard errors step after step (docs/benchmarks.md, "Loop cost") it
+# changes no decision, so it rests after two decisive losses and is offered again three iterations
+# after its last try, in case deeper cuts change the balance.
+DEPTH_PATIENCE = 2
+DEPTH_HOPELESS_Z = 4.0
+DEPTH_RETRY_AFTER = 3
 WIDTH_METRICS = ("wanda_p10", "taylor")
 
 
@@ -72,15 +81,32 @@ def heuristic_proposal(context: PlannerContext, spare_z: float = 1.0) -> Proposa
         width_order = sorted(context.layers, key=lambda r: (mean_z(r, WIDTH_METRICS), r.index))
         width_layers = [r.index for r in width_order if mean_z(r, WIDTH_METRICS) < spare_z]
         shares = None
-    depth = DepthProposal(layers=depth_layers) if depth_layers and "depth" in context.branches else None
     width = (WidthProposal(layers=width_layers, mlp_share=1.0, pruner="l2", mlp_shares=shares)
              if "width" in context.branches else None)
-    rationale = _rationale(context, depth_layers, width_layers)
+    resting = depth_losses(context) if width is not None else None
+    if resting:
+        depth_layers = []
+    depth = DepthProposal(layers=depth_layers) if depth_layers and "depth" in context.branches else None
+    rationale = _rationale(context, depth_layers, width_layers, resting)
     return Proposal(rationale=rationale, depth=depth, width=width)
 
 
-def _rationale(context: PlannerContext, depth_layers: list[int], width_layers: list[int]) -> str:
+def depth_losses(context: PlannerContext) -> list[float] | None:
+    """The margins (standard errors) by which layer removal lost its last ``DEPTH_PATIENCE`` tries,
+    when all were decisive and the last was under ``DEPTH_RETRY_AFTER`` iterations ago; else None."""
+    tries = [s for s in context.history if "depth" in (s.branch, s.rival)][-DEPTH_PATIENCE:]
+    if len(tries) < DEPTH_PATIENCE or context.iteration - tries[-1].iteration >= DEPTH_RETRY_AFTER:
+        return None
+    lost = all(s.branch != "depth" and s.rival_z is not None and s.rival_z >= DEPTH_HOPELESS_Z for s in tries)
+    return [s.rival_z for s in tries] if lost else None
+
+
+def _rationale(context: PlannerContext, depth_layers: list[int], width_layers: list[int],
+               depth_lost: list[float] | None = None) -> str:
     parts = []
+    if depth_lost:
+        margins = ", ".join(f"z {z:+.1f}" for z in depth_lost)
+        parts.append(f"no depth candidate: layer removal lost its last {len(depth_lost)} tries ({margins})")
     if depth_layers:
         first = context.layer(depth_layers[0])
         parts.append(f"layer {first.index} has the lowest depth importance "

@@ -72,8 +72,10 @@ def history_lines(context: PlannerContext) -> str:
     for step in context.history:
         probe = f", probe {step.probe_accuracy:.1%}" if step.probe_accuracy is not None else ""
         branch = f"{step.branch}, {step.pruner}" if step.pruner else step.branch
+        rival = (f"; paired lead over the {step.rival} candidate z {step.rival_z:+.1f}"
+                 if step.rival is not None and step.rival_z is not None else "")
         lines.append(f"- step {step.iteration} ({branch}): {step.summary}; sparsity "
-                     f"{step.sparsity:.1%}, perplexity {step.perplexity:.2f}{probe}")
+                     f"{step.sparsity:.1%}, perplexity {step.perplexity:.2f}{probe}{rival}")
     return "\n".join(lines)
 
 
