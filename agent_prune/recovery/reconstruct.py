@@ -121,7 +121,7 @@ def reconstruct(
             continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
         with materialized(layer, write=bool(modules)), materialized(dense_layer):  # offloaded: one pair
-            priors = _priors(prior, manifest, index, p_adapter, d_adapter, layer, dense_layer)
+            priors = _priors(prior, modules, manifest, index, p_adapter, d_adapter, layer, dense_layer)
             after, before = _refit_layer(p_adapter, d_adapter, layer, dense_layer, modules, stream, parts,
                                          kwargs[index], ridge, priors)
         records.append(_record(index, source, modules, before, after))
@@ -161,21 +161,24 @@ def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.M
     return _advance(layer, watched, stream, parts, kwargs), before
 
 
-def _priors(prior: str, manifest: Layout, index: int, p_adapter: FamilyAdapter, d_adapter: FamilyAdapter,
-            layer: nn.Module, dense_layer: nn.Module) -> dict[str, torch.Tensor | None]:
-    """What the ridge pulls each output projection of current layer ``index`` toward (``reconstruct``'s
-    ``prior``): None (zero), the dense weight on the inputs the manifest says it kept, or without a
-    manifest the projection's weight as it is (the dense one, for a layer cut once)."""
-    projections = {ATTN_OUT: (p_adapter.attention_projections(layer)["o_proj"],
-                              d_adapter.attention_projections(dense_layer)["o_proj"]),
-                   MLP_OUT: (p_adapter.mlp_projections(layer)["down_proj"],
-                             d_adapter.mlp_projections(dense_layer)["down_proj"])}
+def _priors(prior: str, modules: list[str], manifest: Layout, index: int, p_adapter: FamilyAdapter,
+            d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module
+            ) -> dict[str, torch.Tensor | None]:
+    """What the ridge pulls each of ``modules`` (output projections of current layer ``index``) toward
+    (``reconstruct``'s ``prior``): None (zero), the dense weight on the inputs the manifest says it
+    kept, or without a manifest the projection's weight as it is (the dense one, for a layer cut once)."""
     if prior == "zero":
-        return dict.fromkeys(projections)
+        return dict.fromkeys(modules)
     kept = kept_inputs(manifest, index, d_adapter.head_dim)
     if kept is None:
-        return {m: pruned.weight for m, (pruned, _) in projections.items()}
-    return {m: dense.weight[:, kept[m]] for m, (_, dense) in projections.items()}
+        return {m: _output_projection(p_adapter, layer, m).weight for m in modules}
+    return {m: _output_projection(d_adapter, dense_layer, m).weight[:, kept[m]] for m in modules}
+
+
+def _output_projection(adapter: FamilyAdapter, layer: nn.Module, module: str) -> nn.Linear:
+    if module == ATTN_OUT:
+        return adapter.attention_projections(layer)["o_proj"]
+    return adapter.mlp_projections(layer)["down_proj"]
 
 
 def _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope, prior) -> None:

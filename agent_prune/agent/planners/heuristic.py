@@ -70,8 +70,9 @@ class HeuristicPlanner:
 
 def heuristic_proposal(context: PlannerContext, spare_z: float = 1.0) -> Proposal:
     last = context.num_layers - 1
+    resting = depth_losses(context) if "width" in context.branches else None
     depth_order = sorted(context.layers, key=lambda r: (mean_z(r, DEPTH_METRICS), r.index))
-    removable = set(removable_layers(context))
+    removable = set(removable_layers(context)) if not resting else set()
     depth_layers = [r.index for r in depth_order if r.index in removable and r.index not in (0, last)]
     suggested = sorted((r for r in context.layers if r.mlp_cut > 0), key=lambda r: (-r.mlp_cut, r.index))
     if suggested:
@@ -83,9 +84,6 @@ def heuristic_proposal(context: PlannerContext, spare_z: float = 1.0) -> Proposa
         shares = None
     width = (WidthProposal(layers=width_layers, mlp_share=1.0, pruner="l2", mlp_shares=shares)
              if "width" in context.branches else None)
-    resting = depth_losses(context) if width is not None else None
-    if resting:
-        depth_layers = []
     depth = DepthProposal(layers=depth_layers) if depth_layers and "depth" in context.branches else None
     rationale = _rationale(context, depth_layers, width_layers, resting)
     return Proposal(rationale=rationale, depth=depth, width=width)
