@@ -16,8 +16,14 @@ from agent_prune.evaluation import knowledge
 from agent_prune.evaluation.divergence import KL_POSITIONS, position_kl, reference_log_probs, window_kl
 from agent_prune.evaluation.harness import run_tasks
 from agent_prune.evaluation.loop import LoopEvaluator, compare_records, gate_records
-from agent_prune.evaluation.perplexity import perplexity, window_nlls
-from agent_prune.evaluation.scoring import ScoringRequest, continuation_logliks, greedy_generate
+from agent_prune.evaluation.perplexity import NLL_POSITIONS, mean_nll, perplexity, window_nlls
+from agent_prune.evaluation.scoring import (
+    LOGPROB_ROWS,
+    ScoringRequest,
+    continuation_logliks,
+    greedy_generate,
+    token_logprobs,
+)
 from agent_prune.evaluation.stats import compare_paired
 from agent_prune.evaluation.task_names import parse_tasks
 from agent_prune.models.adapters import adapter_for
@@ -41,6 +47,21 @@ def test_perplexity_is_exp_of_hand_computed_mean_loss(family):
     assert nlls.tolist() == pytest.approx(losses, abs=1e-5)
     assert estimate.value == pytest.approx(math.exp(sum(losses) / 5), rel=1e-5)
     assert estimate.n == 5 and estimate.se > 0
+
+
+def test_losses_in_chunks_of_positions_give_the_bits_of_one_call():
+    """A window's NLL and continuations' log-probabilities are taken a chunk at a time (no second
+    copy of the logits); each position's value is the same operation and the mean is cross_entropy's
+    own reduction, so the bits are those of one call, over several windows of random logits."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        logits = torch.randn(2 * NLL_POSITIONS + 37, 300, generator=gen) * 4
+        targets = torch.randint(0, 300, (logits.shape[0],), generator=gen)
+        assert torch.equal(mean_nll(logits, targets), F.cross_entropy(logits, targets))
+        rows = torch.randn(2 * LOGPROB_ROWS + 3, 5, 300, generator=gen) * 4
+        picked = torch.randint(0, 300, rows.shape[:2], generator=gen)
+        whole = F.log_softmax(rows, dim=-1).gather(2, picked[:, :, None]).squeeze(2)
+        assert torch.equal(token_logprobs(rows, picked), whole)
 
 
 def test_cached_continuation_scores_equal_full_sequence_scores(family):

@@ -11,6 +11,7 @@ from torch import nn
 from agent_prune.actions import Manifest
 from agent_prune.agent.resources import RunResources
 from agent_prune.agent.states import ModelStates, save_state
+from agent_prune.heap import release_memory
 from agent_prune.models.offload import shared_memo
 
 
@@ -40,6 +41,7 @@ class CandidateBuilder:
         states.release()
         candidate, new_manifest, info = self.cut(model, manifest, actions, profile, pruner, in_place=True)
         del model
+        release_memory()  # the cut's freed rows, before the refit's working set
         info["recovery"] = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
         save_state(target, candidate, new_manifest, {"actions": actions, **info})
         return info

@@ -10,6 +10,7 @@ from agent_prune.agent.resources import RunResources
 from agent_prune.agent.scoring import Scoring
 from agent_prune.agent.states import ModelStates
 from agent_prune.checkpoints.store import read_state_dir
+from agent_prune.heap import release_memory
 from agent_prune.io import atomic_write_json, read_json
 
 
@@ -50,6 +51,8 @@ class Steps:
         if not path.is_file():
             model, _ = self.states.replay(state_dir)
             atomic_write_json(path, self.scoring.score(model))
+            del model
+            release_memory()  # before the next candidate's replay
         return path
 
     def accept(self, step: int, candidate_dir: Path, decision: dict, candidate: dict,
