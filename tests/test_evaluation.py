@@ -107,7 +107,7 @@ def test_window_kl_is_zero_to_itself_and_matches_hand_computation():
     assert (kl > 0).all()
 
 
-def test_kl_in_chunks_of_positions_gives_the_bits_of_the_whole_window():
+def test_kl_in_chunks_of_positions_gives_the_bits_of_the_whole_window(tmp_path):
     """Windows longer than ``KL_POSITIONS`` are scored a chunk of positions at a time (a quarter of
     the temporaries at 512 tokens); each position's KL is the same operation, so the same bits."""
     model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
@@ -117,6 +117,9 @@ def test_kl_in_chunks_of_positions_gives_the_bits_of_the_whole_window():
         whole = torch.stack([position_kl(reference[i], other(windows[i : i + 1]).logits[0]).mean().double()
                              for i in range(2)])
     assert torch.equal(window_kl(other, windows, reference, batch_size=1), whole)
+    spilled = reference_log_probs(model, windows, batch_size=1, spill_dir=tmp_path)  # read a chunk at a time
+    assert torch.equal(window_kl(other, windows, spilled, batch_size=1), whole)
+    spilled.close()
 
 
 def test_a_spilled_kl_reference_gives_the_same_bits_and_leaves_no_file(tmp_path):
@@ -128,6 +131,8 @@ def test_a_spilled_kl_reference_gives_the_same_bits_and_leaves_no_file(tmp_path)
     spilled = reference_log_probs(model, windows, batch_size=2, spill_dir=tmp_path)
     assert tuple(spilled.shape) == tuple(in_memory.shape) and len(spilled) == 3
     assert all(torch.equal(spilled[i], in_memory[i]) for i in range(3))
+    assert all(torch.equal(spilled[i, part], in_memory[i, part])  # a chunk of positions reads just those
+               for i in range(3) for part in (slice(0, 5), slice(5, 13), slice(13, None), slice(3, 3)))
     assert torch.equal(window_kl(other, windows, spilled, batch_size=2),
                        window_kl(other, windows, in_memory, batch_size=2))
     with pytest.raises(IndexError):

@@ -7,6 +7,7 @@ Nodes are safe to re-run after a crash: candidates and accepted steps are writte
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 from agent_prune.agent import decisions, profiling
@@ -93,15 +94,23 @@ class LoopNodes:
         ctx = self.ctx
         step = state["current"]["step"]
         path = ctx.run_dir / "profiles" / f"step-{step:04d}.json"
+        cached = False
         with Stopwatch() as watch:
             if not path.is_file():
-                model, manifest = ctx.states.load(Path(state["current"]["dir"]))
-                profile = profiling.profile_state(ctx, model, manifest)
+                measure = partial(self.measure_profile, Path(state["current"]["dir"]))
+                if step == 0:  # the dense model's profile: the same for every run of the model
+                    profile, cached = ctx.scoring.dense_profile(measure)
+                else:
+                    profile = measure()
                 atomic_write_json(path, profile)
             profile = read_json(path)
         ctx.trace.event("profile", iteration=state["iteration"] + 1, duration_s=watch.seconds,
-                        step=step, path=str(path), table=profiling.profile_rows(profile))
+                        step=step, path=str(path), cached=cached, table=profiling.profile_rows(profile))
         return {"profile_path": str(path)}
+
+    def measure_profile(self, state_dir: Path) -> dict:
+        model, manifest = self.ctx.states.load(state_dir)
+        return profiling.profile_state(self.ctx, model, manifest)
 
     # ---- plan ----------------------------------------------------------------------------------
     def plan(self, state: dict) -> dict:

@@ -1,6 +1,7 @@
 """Measuring models: the loop's signals, the report's test protocol, and the dense model's figures
-through the content-addressed evaluation cache (``agent_prune.evaluation.cache``), so a later run of
-the same model and protocol reads them instead of measuring again."""
+and sensitivity profile through the content-addressed evaluation cache
+(``agent_prune.evaluation.cache``), so a later run of the same model and protocol reads them
+instead of measuring again."""
 
 from __future__ import annotations
 
@@ -85,14 +86,35 @@ class Scoring:
         return self._cached(task_files(task), protocol,
                             partial(self.report_task, self.resources.base.model, task))
 
-    def _cached(self, files: list[str], protocol: dict, compute: Callable[[], dict]) -> dict:
-        """``compute()`` through the cache; measured afresh where the model or data has no digest."""
+    def dense_profile(self, compute: Callable[[], dict]) -> tuple[dict, bool]:
+        """(the dense model's sensitivity profile, whether it came from the cache): ``compute()``,
+        unless an earlier run of the same model, calibration and profiling code measured it; every
+        target of a model starts from the same one (40 s of the shared model's run on 2 cores)."""
+        from agent_prune.data.corpora import C4_FILE
+        from agent_prune.evaluation.cache import PROFILE_SOURCES
+
+        r, o = self.resources, self.resources.options
+        protocol = {"task": "sensitivity profile", "dtype": o.dtype, "device": self.device_kind,
+                    "offloaded": r.base.offload is not None, "calib_samples": o.calib_samples,
+                    "seqlen": o.seqlen, "seed": o.seed, "gradients": o.profile_gradients,
+                    "hessians": o.profile_hessians}
+        profile = self._cached([C4_FILE], protocol, compute, sources=PROFILE_SOURCES)
+        cached = profile.pop("cache", None) is not None
+        if cached:
+            profile["model"]["name"] = o.model  # the rest is the model's content, not its path
+        return profile, cached
+
+    def _cached(self, files: list[str], protocol: dict, compute: Callable[[], dict],
+                sources: tuple[str, ...] | None = None) -> dict:
+        """``compute()`` through the cache; measured afresh where the model or data has no digest.
+        ``sources``: the code that computes it (default: the evaluation code)."""
         from agent_prune.evaluation import cache
 
         data = cache.data_digest(self.resources.data_dir, files)
         if self.dense_digest is None or data is None:
             return compute()
-        return cache.cached(cache.entry_key(self.dense_digest, data, protocol), protocol, compute)
+        key = cache.entry_key(self.dense_digest, data, protocol, sources or cache.CODE_SOURCES)
+        return cache.cached(key, protocol, compute)
 
     @property
     def device_kind(self) -> str:

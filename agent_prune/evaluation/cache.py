@@ -11,7 +11,9 @@ the code that measures them, so they are stored under a key hashed from all of t
   ``agent_prune.models.loading``, and the torch, transformers and gguf versions.
 
 The run's in-loop scores of the dense model (``score dense``) are cached the same way, keyed on the
-loop evaluator's settings and its data files. Models and data from the hub are not cached (their
+loop evaluator's settings and its data files, and so is the dense model's sensitivity profile (the
+first iteration's, the same for every target of a model), keyed on the calibration settings and
+the profiling code (``PROFILE_SOURCES``). Models and data from the hub are not cached (their
 content is not in hand to hash).
 
 Where: ``$AGENT_PRUNE_EVAL_CACHE`` when set (``off`` disables the cache), else
@@ -38,6 +40,7 @@ from agent_prune.io import atomic_write_json
 EVAL_CACHE_ENV = "AGENT_PRUNE_EVAL_CACHE"
 PACKAGE = Path(__file__).resolve().parents[1]
 CODE_SOURCES = ("evaluation", "data", "models/loading.py")
+PROFILE_SOURCES = ("sensitivity", "data", "models")
 LIBRARIES = ("torch", "transformers", "gguf")
 
 
@@ -72,9 +75,10 @@ def folder_files(path: Path) -> list[Path]:
 
 
 @cache
-def code_digest() -> str:
-    """The evaluation code and library versions, so a change to either invalidates old figures."""
-    files = [f for part in CODE_SOURCES for f in folder_files(PACKAGE / part) if f.suffix == ".py"]
+def code_digest(sources: tuple[str, ...] = CODE_SOURCES) -> str:
+    """The measuring code (``sources``, relative to the package) and library versions, so a change
+    to either invalidates old figures."""
+    files = [f for part in sources for f in folder_files(PACKAGE / part) if f.suffix == ".py"]
     h = hashlib.sha256(files_digest(files, root=PACKAGE).encode())
     for library in LIBRARIES:
         try:
@@ -84,9 +88,10 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def entry_key(model_digest: str, data_digest: str, protocol: dict) -> str:
+def entry_key(model_digest: str, data_digest: str, protocol: dict,
+              sources: tuple[str, ...] = CODE_SOURCES) -> str:
     payload = json.dumps({"model": model_digest, "data": data_digest, "protocol": protocol,
-                          "code": code_digest()}, sort_keys=True)
+                          "code": code_digest(sources)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

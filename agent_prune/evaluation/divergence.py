@@ -40,12 +40,19 @@ class SpilledLogProbs:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: int | tuple[int, slice]) -> torch.Tensor:
+        """Window ``index`` (``[L, V]``), or ``[index, positions]`` with a contiguous slice of positions:
+        only those are read, as indexing a tensor would give them."""
+        index, positions = key if isinstance(key, tuple) else (key, slice(None))
         if not 0 <= index < self.shape[0]:
             raise IndexError(f"window {index} of {self.shape[0]}")
-        count = int(np.prod(self.shape[1:]))
-        data = os.pread(self._file.fileno(), 2 * count, 2 * count * index)
-        return torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy()).view(self.shape[1:])
+        start, stop, step = positions.indices(self.shape[1])
+        if step != 1:
+            raise ValueError("positions must be a contiguous slice")
+        row = int(np.prod(self.shape[2:]))  # values per position
+        count = max(0, stop - start) * row
+        data = os.pread(self._file.fileno(), 2 * count, 2 * row * (index * self.shape[1] + start))
+        return torch.from_numpy(np.frombuffer(data, dtype=np.float16).copy()).view(-1, *self.shape[2:])
 
     def close(self) -> None:
         self._file.close()
@@ -91,9 +98,9 @@ def window_kl(
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         for row in range(batch.shape[0]):
-            reference_row = reference[start + row].to(device)
-            chunks = [slice(p, p + KL_POSITIONS) for p in range(0, reference_row.shape[0], KL_POSITIONS)]
-            per_position = [position_kl(reference_row[c], logits[row, c]) for c in chunks]
+            # A chunk of the reference at a time: a spilled one is read back 12 MB at a time, not 50.
+            chunks = [slice(p, p + KL_POSITIONS) for p in range(0, windows.shape[1], KL_POSITIONS)]
+            per_position = [position_kl(reference[start + row, c].to(device), logits[row, c]) for c in chunks]
             values.append(torch.cat(per_position).mean().double().cpu())
         del logits
         if advance is not None:

@@ -22,10 +22,11 @@ from agent_prune.evaluation.task_names import parse_tasks
 
 FREEBASEQA_DISTRACTORS = 3
 DISTRACTOR_SEED = 0
-# Exact-match prompts are short (about 30 tokens) and decode 16 tokens one at a time, so a batch of 64
-# keeps the cores busy where 16 did not: the shared model's 300 generations took 32 s instead of 49 s
-# on 2 cores, with the same 300 texts (greedy, left-padded; docs/benchmarks.md, "Loop cost").
-GENERATION_BATCH = 64
+# Exact-match prompts are short (about 30 tokens) and decode 16 tokens one at a time, so a batch of 32
+# keeps the cores busy where 16 did not: 128 of the shared model's generations took 18.0 s against
+# 23.9 s at 16 and 18.4 s at 64 on 2 cores, while the batch's key-value cache, grown a token at a
+# time, held 300 MiB at 32, 100 MiB at 16 and 560 MiB at 64 (docs/benchmarks.md, "Trimming the heap").
+GENERATION_BATCH = 32
 
 
 def figures(**estimates: Estimate) -> dict[str, float]:

@@ -37,6 +37,10 @@ def test_a_second_run_of_the_same_model_and_protocol_reads_the_dense_figures(tmp
     signals = [json.loads((tmp_path / run / "checkpoints" / "step-0000" / "signals.json").read_text())
                for run in ("run", "run2")]
     assert signals[0] == signals[1]
+    assert dense_profile_cached(tmp_path / "run") == [False]  # so is the dense model's profile
+    assert dense_profile_cached(tmp_path / "run2") == [True]
+    profiles = [(tmp_path / run / "profiles" / "step-0000.json").read_text() for run in ("run", "run2")]
+    assert profiles[0] == profiles[1]
     before, after = first["final"]["evaluation"]["dense"], second["final"]["evaluation"]["dense"]
     for task in tasks:
         assert "cache" not in before[task] and after[task]["cache"]["key"]
@@ -45,6 +49,16 @@ def test_a_second_run_of_the_same_model_and_protocol_reads_the_dense_figures(tmp
     start_run(tiny_run_options(tmp_path, out=str(tmp_path / "run3"), final_eval={"speed": False,
                                                                                  "freebaseqa_limit": 4}))
     assert [task for dense, task in calls if dense] == ["freebaseqa"]  # another protocol, measured
+    assert dense_profile_cached(tmp_path / "run3") == [True]  # the calibration did not change
+    start_run(tiny_run_options(tmp_path, out=str(tmp_path / "run4"), calib_samples=3,
+                               final_eval={"speed": False, "tasks": ["arc_easy"]}))
+    assert dense_profile_cached(tmp_path / "run4") == [False]  # another calibration, profiled again
+
+
+def dense_profile_cached(run_dir) -> list[bool]:
+    """Whether each profile of the dense model (step 0) in a run came from the cache."""
+    return [r["cached"] for r in read_trace(run_dir / "trace.jsonl")
+            if r.get("event") == "profile" and r["step"] == 0]
 
 
 def test_the_report_measures_only_the_chosen_tasks(tmp_path, monkeypatch):
