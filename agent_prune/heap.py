@@ -15,11 +15,11 @@ def release_memory() -> None:
     Buffers under the mmap threshold (:func:`configure_heap`) live on the heap; freed ones between
     blocks still in use stay resident (glibc's trim threshold returns only the heap's top), and a
     later buffer that does not fit the holes grows the heap beside them. ``malloc_trim(0)`` returns
-    the holes' pages too. The run trims after each profiled layer and between stretches that free
-    a model or a large working set (each graph node, each candidate scored, each report task): on
-    the README demo a node's start held up to 500 MiB of such pages (docs/benchmarks.md, "Trimming
-    the heap"). A trim costs milliseconds and the faults of the pages it returned when reused.
-    A no-op where ``malloc_trim`` does not exist.
+    the holes' pages too. The run trims after each profiled layer, after each candidate scored and
+    before each measured stretch of the trace (a graph node, a report task): on the README demo a
+    node's start held up to 500 MiB of such pages (docs/benchmarks.md, "Trimming the heap"). A trim
+    costs milliseconds and the faults of the pages it returned when reused. A no-op where
+    ``malloc_trim`` does not exist.
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

@@ -15,7 +15,7 @@ from torch import nn
 
 from agent_prune.data.corpora import split_windows, tokenize_text, wikitext2_text
 from agent_prune.evaluation.perplexity import perplexity as evaluate_perplexity
-from agent_prune.models.streaming import calibration_batches
+from agent_prune.models.streaming import batch_slices
 
 
 def perplexity(model: nn.Module, tokenizer, data_dir, seqlen: int = 512, windows: int = 32) -> float:
@@ -37,7 +37,7 @@ def wanda_mlp_scores(adapter, windows: torch.Tensor, batch_size: int = 4) -> lis
 
     hooks = [down.register_forward_hook(accumulate(acc)) for down, acc in zip(downs, sq)]
     try:
-        for part in calibration_batches(windows.shape[0], batch_size):
+        for part in batch_slices(windows.shape[0], batch_size):
             adapter.model(input_ids=windows[part], use_cache=False)
     finally:
         for hook in hooks:

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from agent_prune.data.tasks import QAItem
 from agent_prune.errors import InputError
 from agent_prune.evaluation import knowledge
-from agent_prune.evaluation.divergence import KL_POSITIONS, position_kl, reference_log_probs, window_kl
+from agent_prune.evaluation.divergence import position_kl, reference_log_probs, window_kl
 from agent_prune.evaluation.harness import run_tasks
 from agent_prune.evaluation.loop import LoopEvaluator, compare_records, gate_records
-from agent_prune.evaluation.perplexity import NLL_POSITIONS, mean_nll, perplexity, window_nlls
+from agent_prune.evaluation.perplexity import mean_nll, perplexity, window_nlls
 from agent_prune.evaluation.scoring import (
+    LOGIT_POSITIONS,
     LOGPROB_ROWS,
     ScoringRequest,
     continuation_logliks,
@@ -55,7 +56,7 @@ def test_losses_in_chunks_of_positions_give_the_bits_of_one_call():
     own reduction, so the bits are those of one call, over several windows of random logits."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(8):
-        logits = torch.randn(2 * NLL_POSITIONS + 37, 300, generator=gen) * 4
+        logits = torch.randn(2 * LOGIT_POSITIONS + 37, 300, generator=gen) * 4
         targets = torch.randint(0, 300, (logits.shape[0],), generator=gen)
         assert torch.equal(mean_nll(logits, targets), F.cross_entropy(logits, targets))
         rows = torch.randn(2 * LOGPROB_ROWS + 3, 5, 300, generator=gen) * 4
@@ -108,10 +109,10 @@ def test_window_kl_is_zero_to_itself_and_matches_hand_computation():
 
 
 def test_kl_in_chunks_of_positions_gives_the_bits_of_the_whole_window(tmp_path):
-    """Windows longer than ``KL_POSITIONS`` are scored a chunk of positions at a time (a quarter of
+    """Windows longer than ``LOGIT_POSITIONS`` are scored a chunk of positions at a time (a quarter of
     the temporaries at 512 tokens); each position's KL is the same operation, so the same bits."""
     model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    windows = random_windows(2, KL_POSITIONS + 40)  # one whole chunk and a partial one
+    windows = random_windows(2, LOGIT_POSITIONS + 40)  # one whole chunk and a partial one
     reference = reference_log_probs(model, windows, batch_size=1)
     with torch.inference_mode():
         whole = torch.stack([position_kl(reference[i], other(windows[i : i + 1]).logits[0]).mean().double()

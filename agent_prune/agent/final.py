@@ -12,7 +12,6 @@ from agent_prune.agent.resources import RunResources
 from agent_prune.agent.scoring import Scoring
 from agent_prune.agent.states import ModelStates
 from agent_prune.errors import InputError
-from agent_prune.heap import release_memory
 from agent_prune.io import atomic_write_json, read_json
 
 
@@ -142,7 +141,6 @@ class FinalReport:
         r.reporter.finishing(f"evaluating {name} on the test protocol")
         results = {}
         for task in r.options.final_eval.tasks:
-            release_memory()  # the last task's buffers (a generation batch's cache, logits)
             with r.trace.measure("phase", phase=f"final eval {name}: {task}"):
                 if name == "dense":
                     results[task] = self.scoring.dense_task(task)

@@ -17,7 +17,6 @@ from langgraph.graph import END, START, StateGraph
 
 from agent_prune.agent.nodes import LoopNodes
 from agent_prune.agent.runtime import RunContext
-from agent_prune.heap import release_memory
 
 THREAD = {"configurable": {"thread_id": "run"}}
 
@@ -54,7 +53,6 @@ def measured(ctx: RunContext, name: str, node: Callable[[dict], dict]) -> Callab
     """``node`` writing a ``node`` trace record with its wall time and peak memory."""
 
     def run(state: dict) -> dict:
-        release_memory()  # the last node's freed buffers, so this node's peak is its own working set
         with ctx.trace.measure("node", node=name) as fields:
             update = node(state)
             fields["iteration"] = node_iteration(name, state, update)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from agent_prune.evaluation.progress import Advance
-from agent_prune.evaluation.scoring import model_device
+from agent_prune.evaluation.scoring import LOGIT_POSITIONS, model_device
+from agent_prune.models.streaming import batch_slices
 
 
 class SpilledLogProbs:
@@ -99,19 +100,13 @@ def window_kl(
         logits = model(input_ids=batch, use_cache=False).logits
         for row in range(batch.shape[0]):
             # A chunk of the reference at a time: a spilled one is read back 12 MB at a time, not 50.
-            chunks = [slice(p, p + KL_POSITIONS) for p in range(0, windows.shape[1], KL_POSITIONS)]
+            chunks = batch_slices(windows.shape[1], LOGIT_POSITIONS)
             per_position = [position_kl(reference[start + row, c].to(device), logits[row, c]) for c in chunks]
             values.append(torch.cat(per_position).mean().double().cpu())
         del logits
         if advance is not None:
             advance(batch.shape[0])
     return torch.stack(values)
-
-
-# Positions whose KL is computed together: the temporaries are [KL_POSITIONS, vocab] floats (25 MB at
-# 49k) instead of [seqlen, vocab] ones (100 MB each at 512, the loop's scoring peak, issue 16). Each
-# position's sum over the vocabulary is the same operation either way, so the same bits.
-KL_POSITIONS = 128
 
 
 def position_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from agent_prune.evaluation.progress import Advance
-from agent_prune.evaluation.scoring import model_device
+from agent_prune.evaluation.scoring import LOGIT_POSITIONS, model_device
 from agent_prune.evaluation.stats import Estimate, perplexity_estimate
+from agent_prune.models.streaming import batch_slices
 
 
 @torch.inference_mode()
@@ -34,19 +35,13 @@ def window_nlls(
     return torch.stack(nlls)
 
 
-# Positions whose log-softmax is taken together: [NLL_POSITIONS, vocab] floats (25 MB at 49k) instead
-# of a second [seqlen, vocab] copy of the logits (100 MB at 512 tokens, at the loop's scoring peak).
-NLL_POSITIONS = 128
-
-
 def mean_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy(logits, targets)`` over ``[positions, vocab]`` logits, NLL_POSITIONS at a time.
+    """``F.cross_entropy(logits, targets)`` over ``[positions, vocab]`` logits, LOGIT_POSITIONS at a time.
 
     Each position's loss is the same operation as in one call; the mean is ``nll_loss``'s own
     reduction over them, the one ``cross_entropy`` applies, so the result is the same bits."""
-    losses = torch.cat([F.cross_entropy(logits[p : p + NLL_POSITIONS].float(), targets[p : p + NLL_POSITIONS],
-                                        reduction="none")
-                        for p in range(0, logits.shape[0], NLL_POSITIONS)])
+    losses = torch.cat([F.cross_entropy(logits[part].float(), targets[part], reduction="none")
+                        for part in batch_slices(logits.shape[0], LOGIT_POSITIONS)])
     return F.nll_loss(-losses[:, None], torch.zeros_like(targets))
 
 

@@ -15,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from agent_prune.evaluation.progress import Advance
+from agent_prune.models.streaming import batch_slices
+
+# Positions whose [positions, vocab] temporaries (log-softmax, KL terms) are taken together: 25 MB at
+# 49k instead of a second [seqlen, vocab] copy of the logits (100 MB at 512 tokens, at the loop's
+# scoring peak, issue 16). Each position's value is the same operation either way, so the same bits.
+LOGIT_POSITIONS = 128
 
 
 @dataclass(frozen=True)
@@ -135,9 +141,8 @@ LOGPROB_ROWS = 8
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``[rows, tokens]`` log-probabilities of ``targets`` under ``[rows, tokens, vocab]`` logits."""
-    return torch.cat([F.log_softmax(logits[r : r + LOGPROB_ROWS].float(), dim=-1)
-                      .gather(2, targets[r : r + LOGPROB_ROWS, :, None]).squeeze(2)
-                      for r in range(0, logits.shape[0], LOGPROB_ROWS)])
+    return torch.cat([F.log_softmax(logits[rows].float(), dim=-1).gather(2, targets[rows, :, None]).squeeze(2)
+                      for rows in batch_slices(logits.shape[0], LOGPROB_ROWS)])
 
 
 @torch.inference_mode()

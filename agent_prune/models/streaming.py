@@ -54,8 +54,9 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def calibration_batches(samples: int, batch_size: int) -> list[slice]:
-    return [slice(start, min(start + batch_size, samples)) for start in range(0, samples, batch_size)]
+def batch_slices(total: int, size: int) -> list[slice]:
+    """Consecutive slices of ``size`` over ``total`` items (the last one may be shorter)."""
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 @torch.no_grad()
@@ -71,7 +72,7 @@ def capture_layer_inputs(
     """
     first, kwargs = _record(adapter, windows[:1], device)
     hidden = first.new_empty((windows.shape[0], *first.shape[1:]))
-    batches = calibration_batches(windows.shape[0], batch_size)
+    batches = batch_slices(windows.shape[0], batch_size)
     for batch in batches:
         hidden[batch] = _record(adapter, windows[batch], device)[0]
     return LayerInputs(hidden, batches, kwargs)

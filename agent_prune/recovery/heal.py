@@ -23,7 +23,7 @@ from torch import nn
 
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import MLP_PROJECTIONS, adapter_for
-from agent_prune.models.streaming import calibration_batches
+from agent_prune.models.streaming import batch_slices
 from agent_prune.recovery.distill import TopK, kl_full, kl_top_k, top_k
 from agent_prune.recovery.layout import Layout, layer_sources, mark_overridden
 
@@ -85,7 +85,7 @@ class HealProgress(BaseModel):
 def mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean per-token KL(teacher || student) over ``windows`` (nats/token)."""
     total = 0.0
-    for part in calibration_batches(windows.shape[0], batch_size):
+    for part in batch_slices(windows.shape[0], batch_size):
         ids = windows[part]
         kl = kl_full(student(input_ids=ids, use_cache=False).logits,
                      teacher(input_ids=ids, use_cache=False).logits)
@@ -144,7 +144,7 @@ def _train(student, teacher, windows, settings, optimizer, progress):
     seconds, last_step, curve = 0.0, 0.0, []
     while True:
         order = torch.randperm(windows.shape[0], generator=generator)
-        for part in calibration_batches(windows.shape[0], settings.batch_size):
+        for part in batch_slices(windows.shape[0], settings.batch_size):
             ids = windows[order[part]]
             if tokens + ids.numel() > settings.max_tokens and steps:
                 return tokens, steps, seconds, "tokens", curve

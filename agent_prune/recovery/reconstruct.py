@@ -32,7 +32,7 @@ from torch import nn
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
 from agent_prune.models.offload import materialized
-from agent_prune.models.streaming import calibration_batches, capture_layer_inputs, run_layer, tap
+from agent_prune.models.streaming import batch_slices, capture_layer_inputs, run_layer, tap
 from agent_prune.recovery.layout import Layout, kept_inputs, layer_sources, mark_overridden
 from agent_prune.recovery.ridge import LeastSquaresCollector
 
@@ -211,9 +211,9 @@ def _modules_to_refit(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer,
 
 
 def _parts(count: int, n_fit: int, batch_size: int) -> list[tuple[slice, bool]]:
-    fit = [(s, True) for s in calibration_batches(n_fit, batch_size)]
+    fit = [(s, True) for s in batch_slices(n_fit, batch_size)]
     held = [(slice(s.start + n_fit, s.stop + n_fit), False)
-            for s in calibration_batches(count - n_fit, batch_size)]
+            for s in batch_slices(count - n_fit, batch_size)]
     return fit + held
 
 
