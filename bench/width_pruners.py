@@ -32,8 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent_prune.actions import apply_actions, dense_manifest
 from agent_prune.agent.candidates import mlp_channel_cost
-from agent_prune.data.corpora import c4_documents, calibration_windows
+from agent_prune.data.corpora import (
+    c4_documents,
+    calibration_windows,
+    split_windows,
+    tokenize_text,
+    wikitext2_text,
+)
 from agent_prune.data.sources import resolve_data_dir
+from agent_prune.evaluation.perplexity import perplexity
 from agent_prune.io import atomic_write_json
 from agent_prune.models.accounting import count_parameters
 from agent_prune.models.adapters import adapter_for
@@ -41,7 +48,6 @@ from agent_prune.models.loading import load_model
 from agent_prune.recovery.bias import compensate_biases
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
-from bench._shared import perplexity
 from bench.compare.methods import channels_per_layer
 
 
@@ -57,6 +63,14 @@ def parse_args(argv=None):
                    help="damping of the obs scores relative to each H_jj (default: the profile's)")
     p.add_argument("--json-out", default=None)
     return p.parse_args(argv)
+
+
+def wikitext2_test(model, tokenizer, data_dir) -> dict:
+    """Perplexity on the first 32 WikiText-2 test windows of 512 and each window's mean NLL (for
+    paired comparisons with other rows or with ``bench.compare``'s per-item evaluations)."""
+    windows = split_windows(tokenize_text(tokenizer, wikitext2_text(data_dir, "test")), 512, 32)
+    estimate, nlls = perplexity(model, windows)
+    return {"ppl": round(estimate.value, 2), "window_nll": [float(x) for x in nlls]}
 
 
 def mlp_cut(dense, sparsity: float, structures: list[dict], sizing: list[dict], allocation: str):
@@ -103,8 +117,8 @@ def main(argv=None) -> int:
                "compensation": compensation,
                "sparsity": round(count_parameters(model, base_prunable=prunable).structural_sparsity, 4),
                "channels_kept": [len(s["mlp_channels"]) - c for s, c in zip(structures, counts)],
-               "ppl": round(perplexity(model, loaded.tokenizer, data_dir), 2), "seconds": round(seconds, 1)}
-        print(json.dumps(row), flush=True)
+               "seconds": round(seconds, 1), **wikitext2_test(model, loaded.tokenizer, data_dir)}
+        print(json.dumps({k: v for k, v in row.items() if k != "window_nll"}), flush=True)
         results.append(row)
         del model
     if args.json_out:

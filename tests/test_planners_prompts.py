@@ -234,5 +234,10 @@ def test_the_heuristic_rests_depth_after_two_decisive_losses_and_tries_it_again_
     assert at(3, step(1, 5.9), step(2, 1.5)).depth is not None  # one loss inside the noise
     assert at(3, step(1, 5.9, branch="depth"), step(2, 8.0)).depth is not None  # depth won a step
     assert at(2, step(1, 9.0)).depth is not None  # one try is not enough
+    # with two width candidates the closest rival is the other width; depth's loss is in the leads
+    beside = [StepRecord(iteration=i, branch="width-fluctuation", summary="s", sparsity=0.03 * i,
+                         perplexity=25.0, rival="width", rival_z=1.2, leads={"width": 1.2, "depth": z})
+              for i, z in ((1, 6.1), (2, 7.4))]
+    assert "lost its last 2 tries (z +6.1, z +7.4)" in at(3, *beside).rationale
     assert "paired lead over the depth candidate z +8.0" in history_lines(
         example_context(history=0).model_copy(update={"history": list(lost_twice)}))

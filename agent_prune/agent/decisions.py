@@ -5,6 +5,8 @@ paired difference of the ``select_by`` signal (per-window NLL for perplexity, pe
 dense model for kl). A difference within ``z`` standard errors is a tie, broken in this order:
 the FreebaseQA multiple-choice margin (paired), then fewer parameters, then the depth candidate
 (removing layers speeds up prefill and decode more than thinning them; see bench/export_speed.py).
+More than two candidates (width candidates sized by different scores) meet in a knockout: the leader
+against each next one, by the same rule.
 
 Gates: the chosen candidate must not be worse than the current model by more than
 ``max_step_ppl_increase``, nor worse than the dense model by more than ``max_total_ppl_increase``,
@@ -34,16 +36,13 @@ def history_metrics(candidate: dict) -> dict:
 
 
 def rival_margin(decision: dict) -> dict:
-    """The kept candidate's rival and its lead in standard errors on the first paired comparison
-    (the selection signal): positive when the kept one was better."""
-    first = next((c for c in decision.get("comparisons", []) if "z" in c), None)
-    if first is None or decision.get("branch") not in (first["a"], first["b"]):
-        return {"rival": None, "rival_z": None}
-    # z is of a - b in the metric's own units: a positive z favours b when lower is better
-    b_lead = -first["z"] if METRICS[first["metric"]][1] else first["z"]
-    kept_is_b = decision["branch"] == first["b"]
-    return {"rival": first["a"] if kept_is_b else first["b"],
-            "rival_z": round(b_lead if kept_is_b else -b_lead, 2)}
+    """The kept candidate's closest rival and its lead over it in standard errors on the paired
+    selection signal (positive when the kept one was better), and its lead over every rival."""
+    ahead = decision.get("leads") or {}
+    if not ahead:
+        return {"rival": None, "rival_z": None, "leads": {}}
+    rival = min(ahead, key=lambda b: (ahead[b], b))
+    return {"rival": rival, "rival_z": ahead[rival], "leads": dict(ahead)}
 
 
 def describe_actions(actions: list[dict]) -> str:
@@ -90,11 +89,23 @@ def _gate_fields(gate) -> dict:
 
 def rank_candidates(records: dict[str, SignalRecord], params: dict[str, int], select_by: str,
                     z: float) -> tuple[list[str], list[dict]]:
-    """Branches best first, and the comparisons that ordered them (two candidates at most)."""
-    branches = sorted(records, key=lambda b: (b != "depth", b))  # depth first: it wins full ties
-    if len(branches) < 2:
-        return branches, []
-    a, b = branches[0], branches[1]
+    """Branches best first, and the comparisons that ordered them: a knockout in which the leader
+    meets each next candidate (depth first, so that it wins full ties; then ``width`` and the other
+    width candidates by name); the order below the winner is the reverse order of elimination."""
+    branches = sorted(records, key=lambda b: (b != "depth", b != "width", b))
+    best, beaten, comparisons = branches[0], [], []
+    for challenger in branches[1:]:
+        (best, loser), match = _match(records, params, best, challenger, select_by, z)
+        comparisons += match
+        beaten.insert(0, loser)
+    return [best, *beaten], comparisons
+
+
+def _match(records: dict[str, SignalRecord], params: dict[str, int], a: str, b: str, select_by: str,
+           z: float) -> tuple[tuple[str, str], list[dict]]:
+    """(winner, loser) of two candidates and the comparisons that settled it: the paired selection
+    signal, then the FreebaseQA margin, then fewer parameters, then ``a`` (depth, or the width
+    candidate sized as the planner proposed)."""
     comparisons = []
     for metric in (select_by, "mc_margin"):
         comparison = compare_records(records[a], records[b], metric, z_threshold=z)
@@ -102,11 +113,21 @@ def rank_candidates(records: dict[str, SignalRecord], params: dict[str, int], se
                             "difference": comparison.difference.value,
                             "se": comparison.difference.se, "z": comparison.z})
         if comparison.verdict != "tie":
-            winner = a if comparison.verdict == "a" else b
-            return [winner, b if winner == a else a], comparisons
+            return ((a, b) if comparison.verdict == "a" else (b, a)), comparisons
     if params[b] < params[a]:
-        return [b, a], [*comparisons, {"metric": "params", "verdict": "b"}]
-    return [a, b], [*comparisons, {"metric": "params/depth", "verdict": "a"}]
+        return (b, a), [*comparisons, {"metric": "params", "a": a, "b": b, "verdict": "b"}]
+    return (a, b), [*comparisons, {"metric": "params/depth", "a": a, "b": b, "verdict": "a"}]
+
+
+def leads(records: dict[str, SignalRecord], kept: str, select_by: str, z: float) -> dict[str, float]:
+    """How many standard errors ``kept`` is ahead of each other candidate on the paired selection
+    signal (negative: behind it, kept by the gates or a tie-break)."""
+    higher_is_better = METRICS[select_by][1]
+    out = {}
+    for other in sorted(set(records) - {kept}):
+        comparison = compare_records(records[kept], records[other], select_by, z_threshold=z)
+        out[other] = round(comparison.z if higher_is_better else -comparison.z, 2)
+    return out
 
 
 def decide(records: dict[str, dict], params: dict[str, int], current: dict, dense: dict,
@@ -129,7 +150,8 @@ def decide(records: dict[str, dict], params: dict[str, int], current: dict, dens
             why = "only candidate"
         reason = f"{branch} {why}; " + _gate_summary(checks[branch])
         return {"accepted": True, "branch": branch, "reason": reason, "comparisons": comparisons,
-                "gates": checks, "metrics": headline(records[branch])}
+                "leads": leads(parsed, branch, select_by, gates.z), "gates": checks,
+                "metrics": headline(records[branch])}
     failed = [f"{b}: " + _gate_summary(checks[b], failed_only=True) for b in order]
     return {"accepted": False, "branch": order[0], "reason": "gates crossed - " + "; ".join(failed),
             "comparisons": comparisons, "gates": checks, "metrics": headline(records[order[0]])}
@@ -141,7 +163,9 @@ def _why_first(comparisons: list[dict]) -> str:
     if last["metric"] == "params":
         return "tie on the signals, fewer parameters"
     if last["metric"] == "params/depth":
-        return "tie on the signals and size, depth preferred (faster)"
+        if last["a"] == "depth":
+            return "tie on the signals and size, depth preferred (faster)"
+        return "tie on the signals and size, the planner's own sizing preferred"
     return f"better on paired {last['metric']} (z {last['z']:+.1f})"
 
 

@@ -33,11 +33,10 @@ TARGET_TOLERANCE = 0.002  # a run within 0.2 points of its target sparsity has r
 MIN_MLP_KEPT = 1 / 3
 
 
-# The channel scores whose standardised global ranking sizes each layer's share of a step. L2, not
-# FLAP's fluctuation: one shot at 20% fluctuation sizing beat L2 sizing by 2 test-perplexity points
-# (49.15 vs 51.13), but inside the loop it did not carry over (7 steps: 50.93 vs 49.09 WikiText-2
-# test; docs/benchmarks.md, "Allocation inside the loop").
-ALLOCATION_SCORES = ("structures_l2",)
+# The channel scores whose standardised global ranking sizes each layer's share of a step: the
+# suggestion shown to planners (LayerRow.mlp_cut) is L2's; the run builds width candidates sized by
+# the others too (RunOptions.alternative_sizings) and keeps the best.
+SIZING_FIELDS = {"l2": "structures_l2", "fluctuation": "structures_fluctuation"}
 # Default step: two layers' worth of prunable parameters. On the shared model at 20% it reached a
 # lower WikiText-2 test perplexity than one layer's worth in half the steps (docs/benchmarks.md,
 # "Step size").
@@ -46,12 +45,13 @@ DEFAULT_STEP_LAYERS = 2
 ABSORBED_REMAINDER = 0.5
 
 
-def suggested_mlp_cuts(profile: dict, budget: int, hidden: int, dense_channels: int) -> list[int]:
+def suggested_mlp_cuts(profile: dict, budget: int, hidden: int, dense_channels: int,
+                       sizing: str = "l2") -> list[int]:
     """Per current layer, the MLP channels a step of ``budget`` parameters would take from it under
-    the global ranking of standardised channel scores (zeros for profiles without them)."""
+    the global ranking of standardised ``sizing`` channel scores (zeros for profiles without them)."""
     layers = profile["layers"]
-    field = next((f for f in ALLOCATION_SCORES if all(layer.get(f) for layer in layers)), None)
-    if field is None:
+    field = SIZING_FIELDS[sizing]
+    if not all(layer.get(field) for layer in layers):
         return [0] * len(layers)
     floor = max(math.ceil(MIN_MLP_KEPT * dense_channels), MIN_MLP_CHANNELS)
     caps = [mlp_cap(layer["intermediate_size"], min_channels=floor) for layer in layers]
@@ -148,9 +148,9 @@ class LoopNodes:
             pruners=profiling.available_pruners(profile),
         )
 
-    def suggested_cuts(self, profile: dict, budget: int) -> list[int]:
+    def suggested_cuts(self, profile: dict, budget: int, sizing: str = "l2") -> list[int]:
         dense_channels = self.ctx.base.model.config.intermediate_size
-        return suggested_mlp_cuts(profile, budget, self.ctx.hidden_size, dense_channels)
+        return suggested_mlp_cuts(profile, budget, self.ctx.hidden_size, dense_channels, sizing)
 
     def step_budget(self, state: dict) -> int:
         """This step's budget in prunable parameters; a remainder under half a step joins this one
@@ -188,12 +188,7 @@ class LoopNodes:
                 if not reaches_target:
                     budget = max(1, sum(sizes[i].params for i in layers))
         if proposal.width is not None:
-            cuts = self.suggested_cuts(profile, state["budget"]["params"])
-            width = self.serving_shape(size_width(self.shaped_proposal(proposal.width, cuts), sizes, budget,
-                                                  ctx.hidden_size, ctx.head_dim), sizes)
-            if width:
-                plans["width"] = [{"kind": "prune_width", "layer": i, **counts}
-                                  for i, counts in width.items()]
+            plans.update(self.width_plans(proposal.width, profile, sizes, budget, state["budget"]["params"]))
         pruner = proposal.width.pruner if proposal.width is not None else "l2"
         branches = list(plans)
         targets = [ctx.run_dir / "candidates" / f"iter-{iteration:04d}" / branch for branch in branches]
@@ -212,6 +207,25 @@ class LoopNodes:
             ctx.trace.event("candidate_built", iteration=iteration, duration_s=seconds, **info)
             candidates.append(info)
         return {"candidates": candidates}
+
+    def width_plans(self, width: WidthProposal, profile: dict, sizes: list[LayerSize], budget: int,
+                    step_budget: int) -> dict[str, list[dict]]:
+        """Branch -> actions of the width candidates: ``width`` as proposed, and ``width-SCORE`` for each
+        of the run's alternative sizings (a plan equal to an earlier one is not built twice)."""
+        variants = [("width", self.shaped_proposal(width, self.suggested_cuts(profile, step_budget)))]
+        for sizing in self.ctx.options.alternative_sizings:
+            cuts = self.suggested_cuts(profile, step_budget, sizing)
+            if sum(cuts):
+                shares = width.model_copy(update={"layers": [], "mlp_shares": [float(c) for c in cuts]})
+                variants.append((f"width-{sizing}", self.shaped_proposal(shares, cuts)))
+        plans: dict[str, list[dict]] = {}
+        for branch, proposal in variants:
+            sized = self.serving_shape(size_width(proposal, sizes, budget, self.ctx.hidden_size,
+                                                  self.ctx.head_dim), sizes)
+            actions = [{"kind": "prune_width", "layer": i, **counts} for i, counts in sized.items()]
+            if actions and actions not in plans.values():
+                plans[branch] = actions
+        return plans
 
     def current_sizes(self, state: dict) -> list[LayerSize]:
         """The current step's layer sizes. No reference to its model outlives the call: the builder
@@ -273,7 +287,7 @@ class LoopNodes:
                 chosen = {**chosen, "metrics": decisions.headline(read_json(step_dir / "signals.json"))}
             summary = f"{chosen['branch']}: " + decisions.describe_actions(chosen["actions"])
             record = StepRecord(iteration=iteration, branch=chosen["branch"], summary=summary,
-                                pruner=chosen.get("pruner") if chosen["branch"] == "width" else None,
+                                pruner=chosen.get("pruner") if chosen["branch"] != "depth" else None,
                                 sparsity=chosen["sparsity"], **decisions.history_metrics(chosen),
                                 **decisions.rival_margin(decision))
             update.update(

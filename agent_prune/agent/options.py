@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent_prune.agent.proposal import Sizing
+
 
 class Gates(BaseModel):
     """Thresholds a step must pass to be accepted (relative increases; None disables a gate).
@@ -80,6 +82,14 @@ class RunOptions(BaseModel):
                                                     "(nodes.DEFAULT_STEP_LAYERS)")
     branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
     select_by: Literal["perplexity", "kl"] = "perplexity"
+    alternative_sizings: list[Sizing] = Field(
+        default_factory=lambda: ["fluctuation"],
+        description="for each, one more width candidate every step: the planner's pruner and step size "
+                    "over every layer, each layer's MLP cut the profile's suggestion under this "
+                    "score's global ranking (the planner's own shares default to l2's); the best "
+                    "candidate on the paired selection signal is kept. Each costs a build and a "
+                    "scoring a step; [] for one width candidate (docs/benchmarks.md, \"Sizing by "
+                    "measurement\")")
     recovery: Literal["none", "reconstruct", "distill"] = Field(
         "reconstruct", description="reconstruct: refit each candidate's cut o_proj/down_proj toward the "
                                    "dense sub-block on its own inputs (agent_prune.recovery.reconstruct); "

@@ -38,10 +38,13 @@ class StepRecord(BaseModel):
     perplexity: float
     probe_accuracy: float | None = None
     pruner: str | None = None  # width steps: the pruner that chose the structures
-    rival: str | None = Field(None, description="the other candidate of this step (None: it had one)")
+    rival: str | None = Field(None, description="the closest other candidate of this step (None: it "
+                                                "had one)")
     rival_z: float | None = Field(None, description="how many standard errors the kept candidate was "
-                                                    "ahead of the rival on the paired signal that "
-                                                    "decided (negative: kept behind it, by the gates)")
+                                                    "ahead of the rival on the paired selection signal "
+                                                    "(negative: kept behind it, by the gates)")
+    leads: dict[str, float] = Field(default_factory=dict,
+                                    description="the same lead over every other candidate of the step")
 
 
 class PlannerContext(BaseModel):
@@ -94,6 +97,8 @@ PRUNERS: dict[str, str] = {
 }
 # what a profile without gradients or hessians offers
 DEFAULT_PRUNERS = ["l2", "amp", "fluctuation"]
+# Scores whose standardised global ranking can size a width step's per-layer cuts (agent.allocation).
+Sizing = Literal["l2", "fluctuation"]
 
 
 class WidthProposal(BaseModel):
@@ -109,7 +114,6 @@ class WidthProposal(BaseModel):
         None, description="relative amount of the MLP cut for each entry of layers (same order); "
                           "omitted or empty: the profile's suggestion (LayerRow.mlp_cut), or an "
                           "even split where it suggests nothing for these layers")
-
     @field_validator("mlp_shares", mode="before")
     @classmethod
     def _empty_is_none(cls, value):

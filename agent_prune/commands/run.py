@@ -67,6 +67,11 @@ def add_run_args(parser) -> None:
                              "a remainder under half a step joins the last step)")
     parser.add_argument("--branches", help="comma list of depth,width (default both)")
     parser.add_argument("--select-by", choices=("perplexity", "kl"), help="candidate choice signal")
+    parser.add_argument("--alternative-sizings",
+                        help="comma list of l2,fluctuation: one more width candidate a step for each, "
+                             "its per-layer cuts sized by that score's global ranking; the best is kept "
+                             "(default fluctuation; none: one width candidate, a build and a scoring "
+                             "less a step)")
     parser.add_argument("--recovery", choices=("none", "reconstruct", "distill"),
                         help="reconstruct (default): refit each cut layer's o_proj/down_proj toward "
                              "the dense sub-block on the candidate's own inputs; distill: heal each "
@@ -140,6 +145,9 @@ def options_from_args(args):
                                      **parse_key_values(args.planner_option)}
     if args.branches:
         values["branches"] = [b.strip() for b in args.branches.split(",") if b.strip()]
+    if getattr(args, "alternative_sizings", None):
+        names = [s.strip() for s in args.alternative_sizings.split(",") if s.strip()]
+        values["alternative_sizings"] = [] if names == ["none"] else names
     if getattr(args, "max_memory", None):
         from agent_prune.models.placement import parse_max_memory
 

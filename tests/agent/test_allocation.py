@@ -94,3 +94,15 @@ def test_the_heuristic_thins_the_suggested_layers_in_the_suggested_amounts():
                              step_budget_params=100, step_budget_fraction=0.01, layers=rows)
     width = heuristic_proposal(context).width
     assert (width.layers, width.mlp_shares, width.pruner) == ([1, 2], [7.0, 3.0], "l2")
+
+
+def test_each_sizing_suggests_from_its_own_scores():
+    four_weak = [0.1] * 4 + [5.0] * 26  # four channels far below the layer's typical one
+    spread = [float(v) for v in range(30)]
+    layers = [{"intermediate_size": 30, "structures_l2": {"mlp_channels": four_weak},
+               "structures_fluctuation": {"mlp_channels": spread}},
+              {"intermediate_size": 30, "structures_l2": {"mlp_channels": spread},
+               "structures_fluctuation": {"mlp_channels": four_weak}}]
+    budget = 30 * 4  # four channels of a hidden size of 10
+    assert suggested_mlp_cuts({"layers": layers}, budget, hidden=10, dense_channels=30) == [4, 0]
+    assert suggested_mlp_cuts({"layers": layers}, budget, 10, 30, sizing="fluctuation") == [0, 4]

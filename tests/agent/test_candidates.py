@@ -1,5 +1,6 @@
 """Candidate sizing: depth takes the prefix closest to the step budget; the loop builds a width
-candidate of the same size, so the paired comparison is between equally small models."""
+candidate (and one per alternative sizing) of the same size, so the paired comparison is between
+equally small models."""
 
 from agent_prune.agent.candidates import LayerSize, size_depth
 from agent_prune.agent.proposal import DepthProposal
@@ -37,13 +38,22 @@ def test_depth_and_width_candidates_remove_the_same_parameters(tmp_path):
     for record in read_trace(tmp_path / "run" / "trace.jsonl"):
         if record["event"] == "candidate_built":
             built.setdefault(record["iteration"], {})[record["branch"]] = record["prunable"]
-    pairs = [b for b in built.values() if len(b) == 2]
-    assert pairs
-    for pair in pairs:  # within a few MLP channels (3 * hidden each) of each other
-        assert abs(pair["depth"] - pair["width"]) <= 0.02 * pair["depth"], pair
+    steps = [b for b in built.values() if "depth" in b and len(b) > 1]
+    assert steps and any("width-fluctuation" in b for b in built.values())  # the heuristic's two sizings
+    for step in steps:  # every candidate within a few MLP channels (3 * hidden each) of the depth one
+        for branch, prunable in step.items():
+            assert abs(step["depth"] - prunable) <= 0.02 * step["depth"], (branch, step)
 
 
 def test_depth_never_passes_the_target():
     layers = sizes(100, 30, 80, 100)
     assert size_depth(DepthProposal(layers=[1, 2]), layers, budget=100, limit=90) == [1]
     assert size_depth(DepthProposal(layers=[2]), layers, budget=100, limit=70) == []
+
+
+def test_without_alternative_sizings_a_step_has_one_width_candidate(tmp_path):
+    start_run(tiny_run_options(tmp_path, recovery="none", target_sparsity=0.15, alternative_sizings=[],
+                               final_eval={"windows": 0, "speed": False}))
+    trace = read_trace(tmp_path / "run" / "trace.jsonl")
+    branches = {r["branch"] for r in trace if r["event"] == "candidate_built"}
+    assert "width" in branches and not any(b.startswith("width-") for b in branches)

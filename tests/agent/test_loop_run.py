@@ -29,10 +29,15 @@ def test_full_run_with_reconstruction_reaches_a_small_target(tmp_path):
     assert later, "the tiny run takes more than one step"
     for plan in later:
         for step in plan["context"]["history"]:
-            comparison = decided[step["iteration"]]["comparisons"]
-            assert (step["rival"] is None) == (not comparison), step
-            if comparison:
-                assert abs(step["rival_z"]) == round(abs(comparison[0]["z"]), 2)
+            decision = decided[step["iteration"]]
+            comparisons = decision["comparisons"]
+            assert (step["rival"] is None) == (not comparisons), step
+            assert step["leads"] == decision["leads"]
+            assert step["rival_z"] == min(step["leads"].values(), default=None)
+            for c in comparisons:  # the knockout's matches of the kept candidate, on the selection signal
+                if c["metric"] == "perplexity" and step["branch"] in (c["a"], c["b"]):
+                    other = c["b"] if c["a"] == step["branch"] else c["a"]
+                    assert abs(step["leads"][other]) == round(abs(c["z"]), 2)
     assert (run / "model" / "config.json").is_file()
     assert (run / "report.md").is_file()
     saved = json.loads((run / "summary.json").read_text())
