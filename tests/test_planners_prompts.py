@@ -239,5 +239,7 @@ def test_the_heuristic_rests_depth_after_two_decisive_losses_and_tries_it_again_
                          perplexity=25.0, rival="width", rival_z=1.2, leads={"width": 1.2, "depth": z})
               for i, z in ((1, 6.1), (2, 7.4))]
     assert "lost its last 2 tries (z +6.1, z +7.4)" in at(3, *beside).rationale
+    assert "paired lead over the depth candidate z +6.1, over the width candidate z +1.2" in history_lines(
+        example_context(history=0).model_copy(update={"history": beside}))
     assert "paired lead over the depth candidate z +8.0" in history_lines(
         example_context(history=0).model_copy(update={"history": list(lost_twice)}))

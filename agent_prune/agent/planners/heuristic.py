@@ -13,7 +13,8 @@ Rule (documented in the README):
   :mod:`agent_prune.agent.allocation`). Without suggestions (a profile without L2 scores), thin
   evenly every layer whose width importance (mean z of the Wanda 10th-percentile score and the
   first-order Taylor score) is below ``spare_z``, least important first.
-The loop evaluates both candidates and keeps the better one, so the rule only has to propose
+The loop evaluates the candidates (with, by default, a second width candidate sized by fluctuation
+scores: ``RunOptions.alternative_sizings``) and keeps the best, so the rule only has to propose
 sensible candidates, not pick between them.
 """
 

@@ -72,8 +72,10 @@ def history_lines(context: PlannerContext) -> str:
     for step in context.history:
         probe = f", probe {step.probe_accuracy:.1%}" if step.probe_accuracy is not None else ""
         branch = f"{step.branch}, {step.pruner}" if step.pruner else step.branch
-        rival = (f"; paired lead over the {step.rival} candidate z {step.rival_z:+.1f}"
-                 if step.rival is not None and step.rival_z is not None else "")
+        ahead = step.leads or ({step.rival: step.rival_z} if step.rival and step.rival_z is not None else {})
+        rival = ("; paired lead over the " + ", over the ".join(f"{b} candidate z {z:+.1f}"
+                                                            for b, z in sorted(ahead.items()))
+                 if ahead else "")
         lines.append(f"- step {step.iteration} ({branch}): {step.summary}; sparsity "
                      f"{step.sparsity:.1%}, perplexity {step.perplexity:.2f}{probe}{rival}")
     return "\n".join(lines)
