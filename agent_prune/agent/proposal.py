@@ -46,6 +46,12 @@ class StepRecord(BaseModel):
     leads: dict[str, float] = Field(default_factory=dict,
                                     description="the same lead over every other candidate of the step")
 
+    def rival_leads(self) -> dict[str, float]:
+        """The lead over each rival (records written before ``leads`` existed give their one rival)."""
+        if self.leads or self.rival is None or self.rival_z is None:
+            return dict(self.leads)
+        return {self.rival: self.rival_z}
+
 
 class PlannerContext(BaseModel):
     iteration: int
@@ -114,6 +120,7 @@ class WidthProposal(BaseModel):
         None, description="relative amount of the MLP cut for each entry of layers (same order); "
                           "omitted or empty: the profile's suggestion (LayerRow.mlp_cut), or an "
                           "even split where it suggests nothing for these layers")
+
     @field_validator("mlp_shares", mode="before")
     @classmethod
     def _empty_is_none(cls, value):

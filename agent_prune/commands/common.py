@@ -29,6 +29,11 @@ def add_output_args(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def comma_list(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated flag value."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def print_json(payload) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()

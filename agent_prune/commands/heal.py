@@ -21,6 +21,7 @@ from agent_prune.commands.common import (
     add_data_args,
     add_model_args,
     add_output_args,
+    comma_list,
     print_json,
     stderr_console,
 )
@@ -69,7 +70,7 @@ def run(args) -> int:
     if args.tokens <= 0:
         raise InputError(f"--tokens must be positive, got {args.tokens}", "e.g. --tokens 200000")
     settings = HealSettings(max_tokens=args.tokens, max_seconds=args.seconds, method=args.method,
-                            modules=[m.strip() for m in args.modules.split(",") if m.strip()],
+                            modules=comma_list(args.modules),
                             lora_rank=args.rank, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     data_dir = resolve_data_dir(args.data_dir)
     student = load_model(args.model, args.device, args.dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent_prune.commands.common import add_data_args, print_json
+from agent_prune.commands.common import add_data_args, comma_list, print_json
 from agent_prune.commands.config import load_config_file, validation_message
 from agent_prune.errors import EXIT_OK, EXIT_TARGET_NOT_REACHED, InputError
 from agent_prune.models.formats import add_format_args
@@ -144,16 +144,16 @@ def options_from_args(args):
         values["planner_options"] = {**values.get("planner_options", {}),
                                      **parse_key_values(args.planner_option)}
     if args.branches:
-        values["branches"] = [b.strip() for b in args.branches.split(",") if b.strip()]
+        values["branches"] = comma_list(args.branches)
     if getattr(args, "alternative_sizings", None):
-        names = [s.strip() for s in args.alternative_sizings.split(",") if s.strip()]
+        names = comma_list(args.alternative_sizings)
         values["alternative_sizings"] = [] if names == ["none"] else names
     if getattr(args, "max_memory", None):
         from agent_prune.models.placement import parse_max_memory
 
         values["max_memory"] = parse_max_memory(args.max_memory)
     if getattr(args, "worker_devices", None):
-        values["worker_devices"] = [d.strip() for d in args.worker_devices.split(",") if d.strip()]
+        values["worker_devices"] = comma_list(args.worker_devices)
     gates = dict(values.get("gates", {}))
     for name in GATE_FLAGS:
         if getattr(args, name, None) is not None:

@@ -28,7 +28,6 @@ from agent_prune.agent.proposal import (
     PlannerContext,
     Proposal,
     Reflection,
-    StepRecord,
     WidthProposal,
 )
 
@@ -94,20 +93,14 @@ def heuristic_proposal(context: PlannerContext, spare_z: float = 1.0) -> Proposa
 def depth_losses(context: PlannerContext) -> list[float] | None:
     """The margins (standard errors) by which layer removal lost its last ``DEPTH_PATIENCE`` tries,
     when all were decisive and the last was under ``DEPTH_RETRY_AFTER`` iterations ago; else None."""
-    tries = [s for s in context.history if s.branch == "depth" or depth_lead(s) is not None][-DEPTH_PATIENCE:]
+    tried = [s for s in context.history if s.branch == "depth" or "depth" in s.rival_leads()]
+    tries = tried[-DEPTH_PATIENCE:]
     if len(tries) < DEPTH_PATIENCE or context.iteration - tries[-1].iteration >= DEPTH_RETRY_AFTER:
         return None
-    margins = [depth_lead(s) for s in tries]
+    margins = [s.rival_leads().get("depth") for s in tries]
     lost = all(s.branch != "depth" and z is not None and z >= DEPTH_HOPELESS_Z
                for s, z in zip(tries, margins))
     return margins if lost else None
-
-
-def depth_lead(step: StepRecord) -> float | None:
-    """How many standard errors the kept width candidate was ahead of the step's depth candidate."""
-    if "depth" in step.leads:
-        return step.leads["depth"]
-    return step.rival_z if step.rival == "depth" else None
 
 
 def _rationale(context: PlannerContext, depth_layers: list[int], width_layers: list[int],

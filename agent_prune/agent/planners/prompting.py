@@ -72,7 +72,7 @@ def history_lines(context: PlannerContext) -> str:
     for step in context.history:
         probe = f", probe {step.probe_accuracy:.1%}" if step.probe_accuracy is not None else ""
         branch = f"{step.branch}, {step.pruner}" if step.pruner else step.branch
-        ahead = step.leads or ({step.rival: step.rival_z} if step.rival and step.rival_z is not None else {})
+        ahead = step.rival_leads()
         rival = ("; paired lead over the " + ", over the ".join(f"{b} candidate z {z:+.1f}"
                                                             for b, z in sorted(ahead.items()))
                  if ahead else "")
