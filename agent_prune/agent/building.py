@@ -14,6 +14,10 @@ from agent_prune.agent.states import ModelStates, save_state
 from agent_prune.heap import release_memory
 from agent_prune.models.offload import shared_memo
 
+# A candidate's sensitivity profile, measured during its refit walk, beside its state: an accepted
+# step carries it, and the next iteration reads it instead of profiling the step again.
+PROFILE_FILE = "profile.json"
+
 
 def first_changed_layer(actions: list[dict]) -> int:
     """The first current layer whose weights or inputs ``actions`` change (after a removal, the layer
@@ -28,10 +32,11 @@ class CandidateBuilder:
         self.resources = resources
 
     def build(self, states: ModelStates, current: Path, actions: list[dict], profile: dict,
-              target: Path, pruner: str = "l2") -> dict:
+              target: Path, pruner: str = "l2", measure: bool = False) -> dict:
         """Apply ``actions`` to saved state ``current`` (structures chosen by ``pruner``'s scores
         from ``profile``), recover it, and save it under ``target``; the candidate is dropped on
-        return (the evaluate node replays it).
+        return (the evaluate node replays it). With ``measure`` its refit walk also measures its
+        sensitivity profile (saved as ``PROFILE_FILE`` when the walk covered every layer).
 
         The current step's model leaves the state cache before the cut, so the build owns it and
         cuts it in place: the peak is the dense model and one candidate (issue 16: the step's model
@@ -42,9 +47,27 @@ class CandidateBuilder:
         candidate, new_manifest, info = self.cut(model, manifest, actions, profile, pruner, in_place=True)
         del model
         release_memory()  # the cut's freed rows, before the refit's working set
-        info["recovery"] = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions))
-        save_state(target, candidate, new_manifest, {"actions": actions, **info})
+        walk = self.walk_profile(candidate, new_manifest) if measure else None
+        info["recovery"] = self.recover(candidate, new_manifest, first_changed=first_changed_layer(actions),
+                                        measure=walk)
+        measured = walk.profile() if walk is not None else None
+        info["profile_measured"] = measured is not None
+        extra = {PROFILE_FILE: measured.model_dump(mode="json")} if measured is not None else None
+        save_state(target, candidate, new_manifest, {"actions": actions, **info}, extra)
         return info
+
+    def walk_profile(self, candidate: nn.Module, manifest: Manifest):
+        """A :class:`~agent_prune.sensitivity.measure.WalkProfile` of ``candidate`` on the run's
+        calibration windows, or None where the refit walk cannot stand in for the profile (no refit,
+        or gradient metrics wanted)."""
+        options = self.resources.options
+        if options.recovery != "reconstruct" or options.profile_gradients:
+            return None
+        from agent_prune.sensitivity.measure import WalkProfile
+
+        sources = [record.source for record in manifest.layers]
+        return WalkProfile(candidate, self.resources.calibration, sources, hessians=options.profile_hessians,
+                           dataset="c4", seed=options.seed, model_name=options.model)
 
     def candidate(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
                   pruner: str = "l2") -> tuple[nn.Module, Manifest, dict]:
@@ -89,9 +112,11 @@ class CandidateBuilder:
                 "pruner": pruner, **compensation}
         return candidate.eval(), new_manifest, info
 
-    def recover(self, model: nn.Module, manifest: Manifest, first_changed: int = 0) -> dict | None:
+    def recover(self, model: nn.Module, manifest: Manifest, first_changed: int = 0,
+                measure=None) -> dict | None:
         """Local reconstruction of a candidate (``--recovery reconstruct``, the default): each cut
-        layer's output projections refitted toward the dense sub-block on the candidate's own inputs.
+        layer's output projections refitted toward the dense sub-block on the candidate's own inputs
+        (each layer measured on the way by ``measure``, a ``WalkProfile``).
 
         ``distill`` heals accepted steps instead and does not reconstruct candidates first."""
         if self.resources.options.recovery != "reconstruct":
@@ -101,7 +126,7 @@ class CandidateBuilder:
         # Every state the loop builds on was reconstructed on the same windows (or is dense), so
         # layers before this step's first change would refit to what they already hold.
         report = reconstruct(model, self.resources.base.model, manifest, self.resources.calibration,
-                             first_changed=first_changed)  # marks overrides
+                             first_changed=first_changed, measure=measure)  # marks overrides
         return {"method": "reconstruct", "seconds": round(report.seconds, 2),
                 "modules": len(report.overrides)}
 

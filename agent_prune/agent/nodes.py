@@ -12,6 +12,7 @@ from pathlib import Path
 
 from agent_prune.agent import decisions, profiling
 from agent_prune.agent.allocation import global_allocation
+from agent_prune.agent.building import PROFILE_FILE
 from agent_prune.agent.candidates import (
     MIN_MLP_CHANNELS,
     LayerSize,
@@ -97,20 +98,27 @@ class LoopNodes:
         cached = False
         with Stopwatch() as watch:
             if not path.is_file():
-                measure = partial(self.measure_profile, Path(state["current"]["dir"]))
+                state_dir = Path(state["current"]["dir"])
+                measure = partial(self.measure_profile, state_dir)
                 if step == 0:  # the dense model's profile: the same for every run of the model
                     profile, cached = ctx.scoring.dense_profile(measure)
-                else:
-                    profile = measure()
+                else:  # an accepted candidate's build measured it on the way, unless it could not
+                    profile = self.built_profile(state_dir) or measure()
                 atomic_write_json(path, profile)
             profile = read_json(path)
         ctx.trace.event("profile", iteration=state["iteration"] + 1, duration_s=watch.seconds,
-                        step=step, path=str(path), cached=cached, table=profiling.profile_rows(profile))
+                        step=step, path=str(path), cached=cached,
+                        measured_in=profile["cost"].get("measured_in", "profile"),
+                        table=profiling.profile_rows(profile))
         return {"profile_path": str(path)}
 
     def measure_profile(self, state_dir: Path) -> dict:
         model, manifest = self.ctx.states.load(state_dir)
         return profiling.profile_state(self.ctx, model, manifest)
+
+    def built_profile(self, state_dir: Path) -> dict | None:
+        model, _ = self.ctx.states.load(state_dir)  # cached: the next build starts from it
+        return profiling.profile_from_build(model, state_dir / PROFILE_FILE)
 
     # ---- plan ----------------------------------------------------------------------------------
     def plan(self, state: dict) -> dict:
@@ -193,8 +201,10 @@ class LoopNodes:
         branches = list(plans)
         targets = [ctx.run_dir / "candidates" / f"iter-{iteration:04d}" / branch for branch in branches]
         current, profile_path = state["current"]["dir"], state["profile_path"]
+        # Each candidate's refit walk measures its profile for the next iteration, unless none follows.
         jobs = [{"current": current, "actions": plans[branch], "profile": profile_path, "target": str(target),
-                 "pruner": pruner} for branch, target in zip(branches, targets)]
+                 "pruner": pruner, "measure": not reaches_target}
+                for branch, target in zip(branches, targets)]
         built = ctx.workers.run("build", jobs, lambda i: ctx.reporter.building(iteration, branches[i]))
         candidates = []
         for branch, target, (info, seconds) in zip(branches, targets, built):

@@ -3,9 +3,12 @@ planner sees, and the layer sizes that candidates are sized from."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from agent_prune.agent.resources import RunResources
+from agent_prune.io import read_json
 
 
 def profile_state(resources: RunResources, model: nn.Module, manifest) -> dict:
@@ -29,6 +32,20 @@ def profile_state(resources: RunResources, model: nn.Module, manifest) -> dict:
         hessians=options.profile_hessians,
     )
     return result.model_dump(mode="json")
+
+
+def profile_from_build(model: nn.Module, path: Path) -> dict | None:
+    """The profile that the state's build measured during its refit walk (saved at ``path``), when
+    its layer fingerprints are those of ``model`` as it is; else None (no such file, or a model that
+    changed since, e.g. healed)."""
+    from agent_prune.models.adapters import adapter_for
+    from agent_prune.sensitivity.fingerprints import layer_fingerprint
+
+    if not path.is_file():
+        return None
+    profile = read_json(path)
+    current = [layer_fingerprint(layer) for layer in adapter_for(model).layers()]
+    return profile if current == [layer["fingerprint"] for layer in profile["layers"]] else None
 
 
 def available_pruners(profile: dict) -> list[str]:

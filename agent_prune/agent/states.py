@@ -13,11 +13,13 @@ from agent_prune.agent.resources import RunResources
 from agent_prune.checkpoints.store import CheckpointStore, read_state_dir, write_state_dir
 
 
-def save_state(target: Path, model: nn.Module, manifest: Manifest, record: dict) -> None:
-    """Write ``model`` as a state folder: its manifest, the tensors replay cannot rebuild, ``record``."""
+def save_state(target: Path, model: nn.Module, manifest: Manifest, record: dict,
+               extra: dict[str, dict] | None = None) -> None:
+    """Write ``model`` as a state folder: its manifest, the tensors replay cannot rebuild, ``record``
+    and ``extra`` JSON files."""
     from agent_prune.actions import side_tensors
 
-    write_state_dir(target, manifest.model_dump(mode="json"), side_tensors(model, manifest), record)
+    write_state_dir(target, manifest.model_dump(mode="json"), side_tensors(model, manifest), record, extra)
 
 
 class ModelStates:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent_prune.agent.building import CandidateBuilder
+from agent_prune.agent.building import PROFILE_FILE, CandidateBuilder
 from agent_prune.agent.resources import RunResources
 from agent_prune.agent.scoring import Scoring
 from agent_prune.agent.states import ModelStates
@@ -63,6 +63,9 @@ class Steps:
         options, store = self.resources.options, self.states.store
         manifest, tensors, record = read_state_dir(candidate_dir)
         signals = read_json(candidate_dir / "signals.json")
+        extra = {"signals.json": signals}
+        if (candidate_dir / PROFILE_FILE).is_file():
+            extra[PROFILE_FILE] = read_json(candidate_dir / PROFILE_FILE)
         if options.recovery == "distill":
             from agent_prune.actions import side_tensors
 
@@ -71,8 +74,9 @@ class Steps:
             record["heal"] = self.builder.heal(model, parsed, share=gain / options.target_sparsity)
             record["signals_before_heal"] = signals
             signals = self.scoring.score(model)
+            extra = {"signals.json": signals}  # the walk's profile describes the model before healing
             manifest, tensors = parsed.model_dump(mode="json"), side_tensors(model, parsed)
             self.states.remember(store.step_dir(step), model.eval(), parsed)
         store.commit(step, manifest, tensors, {**record, "decision": decision, "step": step},
-                     sparsity=candidate["sparsity"], extra={"signals.json": signals})
+                     sparsity=candidate["sparsity"], extra=extra)
         return store.step_dir(step), record.get("heal")

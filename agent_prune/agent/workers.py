@@ -32,11 +32,13 @@ if TYPE_CHECKING:
 
 
 def build_candidate(ctx: RunContext, current: str, actions: list[dict], profile: str, target: str,
-                    pruner: str) -> dict:
-    """The info of the candidate built from state ``current`` under ``target``, or ``{"invalid":
-    why}`` when its actions cannot be applied to that state."""
+                    pruner: str, measure: bool = False) -> dict:
+    """The info of the candidate built from state ``current`` under ``target`` (with its profile from
+    the refit walk when ``measure``), or ``{"invalid": why}`` when its actions cannot be applied to
+    that state."""
     try:
-        return ctx.builder.build(ctx.states, Path(current), actions, read_json(profile), Path(target), pruner)
+        return ctx.builder.build(ctx.states, Path(current), actions, read_json(profile), Path(target), pruner,
+                                 measure=measure)
     except InvalidActionError as exc:
         return {"invalid": exc.one_line()}
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from functools import partial
+from typing import NamedTuple, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -42,6 +43,18 @@ MLP_OUT = "mlp.down_proj"
 # one-shot L2 cuts of the shared model it gave the lowest held-out refit error and WikiText-2 test
 # perplexity of 0.03-1.0 (docs/benchmarks.md, "The refit's prior").
 DEFAULT_RIDGE = 0.3
+
+
+class Watch(Protocol):
+    """What the walk tells a watch over a layer's last pass (``sensitivity.measure.LayerMeasure``)."""
+
+    def add_down(self, inputs: torch.Tensor, outputs: torch.Tensor) -> None: ...
+    def observe(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None: ...
+    def detach(self) -> None: ...  # unhook without reading (the walk failed)
+    def close(self) -> object: ...
+
+
+Measure = Callable[[int, nn.Module, bool], Watch]  # (layer index, layer, defer_down) -> an open watch
 
 
 class LayerRefit(BaseModel):
@@ -85,6 +98,7 @@ def reconstruct(
     first_changed: int = 0,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
+    measure: Measure | None = None,
 ) -> ReconstructionReport:
     """Refit ``pruned`` in place toward ``dense``'s sub-blocks; returns per-layer errors.
 
@@ -97,6 +111,9 @@ def reconstruct(
     inputs were cut; ``all`` refits both projections of every layer. ``first_changed``: the first
     layer whose weights or inputs differ from when the model was last reconstructed on the same
     ``windows``; layers before it would refit to what they hold, so they are only walked through.
+    ``measure(index, layer, defer_down)``: a watch over each layer's last pass (its statistics as
+    refitted, e.g. :class:`~agent_prune.sensitivity.measure.WalkProfile`); the walk then goes on
+    through every layer. With nothing to refit there is no walk and nothing is measured.
     """
     started = time.perf_counter()
     sources = layer_sources(manifest)
@@ -108,6 +125,8 @@ def reconstruct(
             if index >= first_changed else []
             for index, (layer, source) in enumerate(zip(p_adapter.layers(), sources))]
     last = max((i for i, modules in enumerate(plan) if modules), default=-1)
+    if measure is not None and last >= 0:
+        last = len(plan) - 1  # measured layers need the stream however far the refits go
     stream, kwargs = None, []  # nothing to refit (a depth cut): no walk at all
     if last >= 0:
         inputs = capture_layer_inputs(p_adapter, windows, batch_size, windows.device)
@@ -122,8 +141,9 @@ def reconstruct(
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
         with materialized(layer, write=bool(modules)), materialized(dense_layer):  # offloaded: one pair
             priors = _priors(prior, modules, manifest, index, p_adapter, d_adapter, layer, dense_layer)
+            watch = partial(measure, index, layer) if measure is not None else None
             after, before = _refit_layer(p_adapter, d_adapter, layer, dense_layer, modules, stream, parts,
-                                         kwargs[index], ridge, priors)
+                                         kwargs[index], ridge, priors, watch)
         records.append(_record(index, source, modules, before, after))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
@@ -139,10 +159,12 @@ def reconstruct(
 
 def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module,
                  modules: list[str], stream: torch.Tensor, parts, kwargs: dict, ridge: float,
-                 priors: dict[str, torch.Tensor | None]) -> tuple[_Errors | None, dict[str, _Errors]]:
+                 priors: dict[str, torch.Tensor | None], watch: Callable[[bool], Watch] | None = None
+                 ) -> tuple[_Errors | None, dict[str, _Errors]]:
     """Refit ``modules`` of one layer toward the dense layer's sub-blocks (the ridge pulling each
     toward its entry of ``priors``) and move the stream on through it; returns the errors after (of
-    the last refitted block) and before each refit."""
+    the last refitted block) and before each refit. ``watch(defer_down)`` opens a watch over the
+    layer's last pass."""
     blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
                          p_adapter.attention_projections(layer)["o_proj"]),
               MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
@@ -151,14 +173,26 @@ def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.M
     # stream, the refit pass keeps what it saw and the stream moves on by the change of that
     # projection's output alone: no second pass through the layer.
     shortcut = bool(modules) and modules[-1] == MLP_OUT and p_adapter.projections_feed_residual(layer)
-    before, seen = {}, None
-    for m in modules:
-        before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge, priors[m],
-                                 keep=shortcut and m == modules[-1])
-    if seen is not None:
-        return _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts), before
-    watched = blocks[modules[-1]][:2] if modules else None
-    return _advance(layer, watched, stream, parts, kwargs), before
+    before, seen, opened = {}, None, None
+    try:
+        for m in modules:
+            final = shortcut and m == modules[-1]
+            if final and watch is not None:  # the layer's last pass; down_proj's new outputs come later
+                opened = watch(True)
+            before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge, priors[m], keep=final)
+        if seen is not None:
+            after = _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts, opened)
+        else:
+            opened = watch(False) if watch is not None else None
+            watched = blocks[modules[-1]][:2] if modules else None
+            after = _advance(layer, watched, stream, parts, kwargs, opened)
+    except BaseException:
+        if opened is not None:
+            opened.detach()
+        raise
+    if opened is not None:
+        opened.close()
+    return after, before
 
 
 def _priors(prior: str, modules: list[str], manifest: Layout, index: int, p_adapter: FamilyAdapter,
@@ -297,35 +331,42 @@ class _Seen(NamedTuple):
 
 @torch.no_grad()
 def _advance_by_projection(projection: nn.Linear, seen: list[_Seen], stream: torch.Tensor,
-                           parts) -> _Errors:
+                           parts, watch: Watch | None = None) -> _Errors:
     """Move the stream through a layer whose last refitted projection feeds the residual directly:
     the layer's output changes by exactly the change of that projection's output."""
     errors = _Errors()
     for (part, fitted), record in zip(parts, seen):
         output = projection(record.inputs)
         errors.add(fitted, output, record.target)
-        stream[part] = record.layer_output + (output - record.outputs)
+        moved = record.layer_output + (output - record.outputs)
+        if watch is not None:
+            watch.add_down(record.inputs, output)
+            watch.observe(stream[part], moved)
+        stream[part] = moved
     seen.clear()
     return errors
 
 
 @torch.no_grad()
 def _advance(layer: nn.Module, block: tuple[nn.Module, nn.Module] | None, stream: torch.Tensor, parts,
-             kwargs: dict) -> _Errors | None:
+             kwargs: dict, watch: Watch | None = None) -> _Errors | None:
     """Move the stream through the (refitted) layer, measuring ``block`` (the last refitted one)
-    against its dense counterpart on the way."""
-    watch = _DenseTargets(*block) if block is not None else None
-    if watch is not None:
-        watch.errors = _Errors()
+    against its dense counterpart on the way (and the whole layer when ``watch`` is open)."""
+    targets = _DenseTargets(*block) if block is not None else None
+    if targets is not None:
+        targets.errors = _Errors()
     try:
         for part, fitted in parts:
+            if targets is not None:
+                targets.fitted = fitted
+            output = run_layer(layer, stream[part], kwargs)
             if watch is not None:
-                watch.fitted = fitted
-            stream[part] = run_layer(layer, stream[part], kwargs)
+                watch.observe(stream[part], output)
+            stream[part] = output
     finally:
-        if watch is not None:
-            watch.remove()
-    return watch.errors if watch is not None else None
+        if targets is not None:
+            targets.remove()
+    return targets.errors if targets is not None else None
 
 
 def _first(output):

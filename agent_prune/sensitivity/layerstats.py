@@ -53,10 +53,11 @@ class GradientStats:
     structures: dict[str, list[float]]
 
 
-def attach_collectors(adapter: FamilyAdapter, layer: nn.Module,
-                      hessian: bool = False) -> tuple[dict[str, LinearCollector], list]:
+def attach_collectors(adapter: FamilyAdapter, layer: nn.Module, hessian: bool = False,
+                      hook_down: bool = True) -> tuple[dict[str, LinearCollector], list]:
     """A collector per linear module of ``layer``; o_proj and down_proj get the structural ones
-    (with their input Gram matrices when ``hessian``, for OBS scores).
+    (with their input Gram matrices when ``hessian``, for OBS scores). Without ``hook_down`` the
+    down_proj collector is returned unhooked, for the caller to feed.
 
     q/k/v read the attention input and gate/up the MLP input, so k, v and up share the input
     statistics of q and gate instead of accumulating the same sums again.
@@ -77,7 +78,7 @@ def attach_collectors(adapter: FamilyAdapter, layer: nn.Module,
     handles = [
         collector.module.register_forward_hook(collector.hook)
         for collector in collectors.values()
-        if collector.source is None
+        if collector.source is None and (hook_down or collector.module is not mlp["down_proj"])
     ]
     return collectors, handles
 

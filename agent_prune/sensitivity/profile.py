@@ -35,15 +35,9 @@ from agent_prune.models.streaming import (
 from agent_prune.sensitivity import gradients as grad_pass
 from agent_prune.sensitivity import metrics
 from agent_prune.sensitivity.activations import ActivationStore, windows_digest
-from agent_prune.sensitivity.collectors import ChannelCollector, DepthCollector
 from agent_prune.sensitivity.fingerprints import layer_fingerprint, model_fingerprint, prefix_keys
-from agent_prune.sensitivity.layerstats import (
-    ForwardStats,
-    GradientStats,
-    attach_collectors,
-    forward_stats,
-    gradient_stats,
-)
+from agent_prune.sensitivity.layerstats import ForwardStats, GradientStats, gradient_stats
+from agent_prune.sensitivity.measure import LayerMeasure
 from agent_prune.sensitivity.schema import (
     METRICS,
     CalibrationInfo,
@@ -132,14 +126,36 @@ def profile_model(
     finally:
         if owned:
             acts.close()
+    seconds = time.perf_counter() - started
+    return assemble_profile(
+        model, windows, sources, fresh, fingerprints=fingerprints, previous=previous,
+        start_layer=start_layer, grads=grads, loss=loss, gradients=gradients, dataset=dataset,
+        seed=seed, model_name=model_name, seconds=round(seconds, 3),
+        forward_seconds=round(forward_seconds, 3), device=str(work), batch_size=batch_size,
+        activation_store=(acts.kind if acts is not None else "none"),
+    )
+
+
+def assemble_profile(
+    model: nn.Module, windows: torch.Tensor, sources: list[int], fresh: dict[int, ForwardStats], *,
+    seconds: float, forward_seconds: float, device: str, batch_size: int, activation_store: str,
+    fingerprints: list[str] | None = None, previous: SensitivityProfile | None = None,
+    start_layer: int = 0, grads: dict[int, GradientStats] | None = None, loss: float | None = None,
+    gradients: bool = False, dataset: str | None = None, seed: int | None = None,
+    model_name: str | None = None, measured_in: str = "profile",
+) -> SensitivityProfile:
+    """The profile of ``model`` from its layers' forward statistics ``fresh`` (layers below
+    ``start_layer`` copied from ``previous``) and, when measured, their gradient statistics."""
+    adapter = adapter_for(model)
+    if fingerprints is None:
+        fingerprints = [layer_fingerprint(layer) for layer in adapter.layers()]
     layers = _assemble(sources, fingerprints, previous, start_layer, fresh, grads)
     swaps = _super_weights(previous, start_layer, fresh)
-    seconds = time.perf_counter() - started
     return SensitivityProfile(
         model=_model_info(model, adapter, model_name),
         calibration=CalibrationInfo(
             dataset=dataset, samples=windows.shape[0], seqlen=windows.shape[1], seed=seed,
-            tokens=windows.numel(), digest=digest,
+            tokens=windows.numel(), digest=windows_digest(windows),
         ),
         gradients=gradients,
         calibration_loss=loss,
@@ -147,9 +163,9 @@ def profile_model(
         protected=protect_super_weights(swaps),
         super_weights=swaps,
         cost=ProfileCost(
-            seconds=round(seconds, 3), forward_seconds=round(forward_seconds, 3),
-            gradient_seconds=round(seconds - forward_seconds, 3), device=str(work), batch_size=batch_size,
-            activation_store=(acts.kind if acts is not None else "none"), start_layer=start_layer,
+            seconds=seconds, forward_seconds=forward_seconds,
+            gradient_seconds=round(seconds - forward_seconds, 3), device=device, batch_size=batch_size,
+            activation_store=activation_store, start_layer=start_layer, measured_in=measured_in,
         ),
     )
 
@@ -186,21 +202,16 @@ def _forward_layer(
     scores at ``obs_damping`` when it is set)."""
     layer = adapter.layers()[index]
     with on_device(layer, work):
-        collectors, handles = attach_collectors(adapter, layer, hessian=obs_damping is not None)
-        spikes = next(c for c in collectors.values() if isinstance(c, ChannelCollector))
-        depth = DepthCollector()
+        measure = LayerMeasure(adapter, layer, hessian=obs_damping is not None, spike_ratio=spike_ratio,
+                               spike_min=spike_min, obs_damping=obs_damping)
         try:
             for batch in inputs.batches:
                 out = run_layer(layer, hidden[batch], inputs.kwargs[index])
-                depth.add_batch(hidden[batch], out)
-                spikes.observe_layer(hidden[batch], out)
+                measure.observe(hidden[batch], out)
                 hidden[batch] = out
         finally:
-            for handle in handles:
-                handle.remove()
-        stats = forward_stats(adapter, layer, collectors, depth, spike_ratio, spike_min, obs_damping)
-        for collector in collectors.values():
-            collector.free()
+            measure.detach()
+        stats = measure.close()
     release_memory()
     return stats
 

@@ -171,6 +171,9 @@ class ProfileCost(_Record):
     batch_size: int
     activation_store: str
     start_layer: int
+    measured_in: Literal["profile", "reconstruction"] = Field(
+        "profile", description="profile: a pass of its own; reconstruction: gathered during the "
+                               "candidate's refit walk on the same windows (sensitivity.measure)")
 
 
 class SensitivityProfile(_Record):

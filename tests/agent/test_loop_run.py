@@ -42,7 +42,21 @@ def test_full_run_with_reconstruction_reaches_a_small_target(tmp_path):
     assert (run / "report.md").is_file()
     saved = json.loads((run / "summary.json").read_text())
     assert saved["accepted_steps"] == summary["accepted_steps"] >= 1
+    assert_profiles_follow_the_builds(records)
 
+
+def assert_profiles_follow_the_builds(records):
+    """A step's profile is the one its build measured in the refit walk exactly when that build
+    measured one (not a depth cut without refit); no build of the last iteration measures."""
+    built = {(r["iteration"], r["branch"]): r for r in records if r["event"] == "candidate_built"}
+    accepted = {r["step"]: r for r in records if r["event"] == "decision" and r["accepted"]}
+    last = max(iteration for iteration, _ in built)
+    for (iteration, _), record in built.items():
+        assert not (iteration == last and record["profile_measured"]), record
+    for profile in (r for r in records if r["event"] == "profile" and r["step"] > 0):
+        decision = accepted[profile["step"]]
+        walked = built[(decision["iteration"], decision["branch"])]["profile_measured"]
+        assert profile["measured_in"] == ("reconstruction" if walked else "profile"), profile
 
 
 def test_distill_heals_each_accepted_step_and_exports_what_it_healed(tmp_path):
