@@ -335,7 +335,8 @@ def _advance_by_projection(projection: nn.Linear, seen: list[_Seen], stream: tor
     """Move the stream through a layer whose last refitted projection feeds the residual directly:
     the layer's output changes by exactly the change of that projection's output."""
     errors = _Errors()
-    for (part, fitted), record in zip(parts, seen):
+    for part, fitted in parts:
+        record = seen.pop(0)  # each part's buffers go as soon as the stream has moved past them
         output = projection(record.inputs)
         errors.add(fitted, output, record.target)
         moved = record.layer_output + (output - record.outputs)
@@ -343,7 +344,7 @@ def _advance_by_projection(projection: nn.Linear, seen: list[_Seen], stream: tor
             watch.add_down(record.inputs, output)
             watch.observe(stream[part], moved)
         stream[part] = moved
-    seen.clear()
+        del record, output, moved
     return errors
 
 

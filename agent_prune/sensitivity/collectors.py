@@ -12,10 +12,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from agent_prune.models.streaming import batch_slices
 from agent_prune.sensitivity import metrics
 
 # Tokens per chunk when projecting head outputs through o_proj (bounds a tokens x heads x hidden buffer).
-HEAD_CHUNK_TOKENS = 512
+HEAD_CHUNK_TOKENS = 128
+# Tokens whose float temporaries (squares, absolute values) are taken together. A refit pass hands
+# the collectors 8 windows at once, and their 10-25 MB temporaries raised the build's peak by about
+# 100 MiB; 1024 is the profile's own batch (two 512-token windows), so its sums keep their bits.
+COLLECT_TOKENS = 1024
+
+
+def column_peaks(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y.abs().max(dim=0)`` of ``(tokens, channels)`` values, a chunk of tokens at a time (the
+    first chunk's token wins a tie between chunks)."""
+    peak = token = None
+    for rows in batch_slices(y.shape[0], COLLECT_TOKENS):
+        chunk_peak, chunk_token = y[rows].float().abs().max(dim=0)
+        chunk_token = chunk_token + rows.start
+        if peak is None:
+            peak, token = chunk_peak, chunk_token
+        else:
+            better = chunk_peak > peak
+            peak, token = torch.where(better, chunk_peak, peak), torch.where(better, chunk_token, token)
+    return peak, token
 
 
 class LinearCollector:
@@ -39,12 +59,14 @@ class LinearCollector:
         self.tokens = 0
 
     def add_batch(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
-        flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        self.sum_squares += flat.pow(2).sum(dim=0).double()
-        if self.sums is not None:
-            self.sums += flat.sum(dim=0).double()
-        if self.xtx is not None:
-            self.xtx += (flat.T @ flat).double()  # one batch in float32, the running sum in float64
+        flat = inputs.detach().reshape(-1, inputs.shape[-1])
+        for rows in batch_slices(flat.shape[0], COLLECT_TOKENS):
+            chunk = flat[rows].float()
+            self.sum_squares += chunk.pow(2).sum(dim=0).double()
+            if self.sums is not None:
+                self.sums += chunk.sum(dim=0).double()
+            if self.xtx is not None:
+                self.xtx += (chunk.T @ chunk).double()  # a chunk in float32, the running sum in float64
         self.samples += inputs.shape[0] if inputs.dim() > 2 else 1
         self.tokens += flat.shape[0]
 
@@ -130,17 +152,17 @@ class ChannelCollector(LinearCollector):
 
     def add_batch(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
         super().add_batch(inputs, output)
-        a = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-        y = output.detach().reshape(-1, output.shape[-1]).float()
-        self.abs_sum += a.abs().sum(dim=0).double()
-        peak, token = y.abs().max(dim=0)
+        a = inputs.detach().reshape(-1, inputs.shape[-1])
+        for rows in batch_slices(a.shape[0], COLLECT_TOKENS):
+            self.abs_sum += a[rows].float().abs().sum(dim=0).double()
+        peak, token = column_peaks(output.detach().reshape(-1, output.shape[-1]))
         better = peak > self.out_max
         self._pending = None
         if not bool(better.any()):
             return
         rows = better.nonzero().squeeze(1)
         self._pending = (rows, token[rows])
-        at_token = a[token[rows]]                                   # (rows, in)
+        at_token = a[token[rows]].float()                           # (rows, in)
         contribution = (at_token * self.module.weight.detach().float()[rows]).abs()
         column = contribution.argmax(dim=1)
         self.out_max[rows] = peak[rows]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from agent_prune.heap import release_memory
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
 from agent_prune.sensitivity import metrics
 from agent_prune.sensitivity.collectors import ChannelCollector, DepthCollector
@@ -60,6 +61,7 @@ class LayerMeasure:
         stats = forward_stats(self.adapter, self.layer, self.collectors, self.depth, *self.settings)
         for collector in self.collectors.values():
             collector.free()
+        release_memory()  # the scores' temporaries sit under the mmap threshold: give them back now
         if self.on_close is not None:
             self.on_close(stats)
         return stats

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from agent_prune.models.streaming import batch_slices
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
+from agent_prune.sensitivity.collectors import COLLECT_TOKENS, ChannelCollector, column_peaks
 from agent_prune.sensitivity.measure import WalkProfile
 from tests.conftest import tiny_model
 from tests.recovery.surgery import cut_kv_group, cut_mlp, drop_layers
@@ -81,3 +83,22 @@ def test_walk_measures_layers_past_the_last_refit_and_nothing_without_a_refit():
     walk = WalkProfile(dropped, calibration, kept)
     reconstruct(dropped, dense, kept, calibration, measure=walk)
     assert walk.profile() is None
+
+
+def test_collectors_take_a_large_batch_as_successive_chunks_of_1024_tokens():
+    """A refit pass hands the collectors 8 windows at once; they sum it in the profile's chunks."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(24, 8)
+    x = torch.randn(4, 700, 24) * torch.linspace(0.1, 3.0, 24)
+    y = module(x).detach()
+    whole, chunked = ChannelCollector(module), ChannelCollector(module)
+    whole.add_batch(x, y)
+    flat_x, flat_y = x.reshape(-1, 24), y.reshape(-1, 8)
+    for rows in batch_slices(flat_x.shape[0], COLLECT_TOKENS):  # 1024, 1024, 752 tokens
+        chunked.add_batch(flat_x[rows], flat_y[rows])
+    for name in ("sum_squares", "sums", "abs_sum", "out_max", "out_column", "out_input"):
+        assert torch.equal(getattr(whole, name), getattr(chunked, name)), name
+    assert whole.tokens == chunked.tokens == 2800
+    peak, token = column_peaks(flat_y)
+    assert torch.equal(peak, flat_y.abs().max(dim=0).values)
+    assert torch.equal(flat_y.abs()[token, torch.arange(8)], peak)
