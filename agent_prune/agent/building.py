@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -13,6 +14,9 @@ from agent_prune.agent.resources import RunResources
 from agent_prune.agent.states import ModelStates, save_state
 from agent_prune.heap import release_memory
 from agent_prune.models.offload import shared_memo
+
+if TYPE_CHECKING:
+    from agent_prune.sensitivity.measure import WalkProfile
 
 # A candidate's sensitivity profile, measured during its refit walk, beside its state: an accepted
 # step carries it, and the next iteration reads it instead of profiling the step again.
@@ -56,7 +60,7 @@ class CandidateBuilder:
         save_state(target, candidate, new_manifest, {"actions": actions, **info}, extra)
         return info
 
-    def walk_profile(self, candidate: nn.Module, manifest: Manifest):
+    def walk_profile(self, candidate: nn.Module, manifest: Manifest) -> WalkProfile | None:
         """A :class:`~agent_prune.sensitivity.measure.WalkProfile` of ``candidate`` on the run's
         calibration windows, or None where the refit walk cannot stand in for the profile (no refit,
         or gradient metrics wanted)."""
@@ -113,7 +117,7 @@ class CandidateBuilder:
         return candidate.eval(), new_manifest, info
 
     def recover(self, model: nn.Module, manifest: Manifest, first_changed: int = 0,
-                measure=None) -> dict | None:
+                measure: WalkProfile | None = None) -> dict | None:
         """Local reconstruction of a candidate (``--recovery reconstruct``, the default): each cut
         layer's output projections refitted toward the dense sub-block on the candidate's own inputs
         (each layer measured on the way by ``measure``, a ``WalkProfile``).

@@ -141,9 +141,9 @@ def reconstruct(
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
         with materialized(layer, write=bool(modules)), materialized(dense_layer):  # offloaded: one pair
             priors = _priors(prior, modules, manifest, index, p_adapter, d_adapter, layer, dense_layer)
-            watch = partial(measure, index, layer) if measure is not None else None
+            open_watch = partial(measure, index, layer) if measure is not None else None
             after, before = _refit_layer(p_adapter, d_adapter, layer, dense_layer, modules, stream, parts,
-                                         kwargs[index], ridge, priors, watch)
+                                         kwargs[index], ridge, priors, open_watch)
         records.append(_record(index, source, modules, before, after))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
@@ -159,12 +159,12 @@ def reconstruct(
 
 def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module,
                  modules: list[str], stream: torch.Tensor, parts, kwargs: dict, ridge: float,
-                 priors: dict[str, torch.Tensor | None], watch: Callable[[bool], Watch] | None = None
+                 priors: dict[str, torch.Tensor | None], open_watch: Callable[[bool], Watch] | None = None
                  ) -> tuple[_Errors | None, dict[str, _Errors]]:
     """Refit ``modules`` of one layer toward the dense layer's sub-blocks (the ridge pulling each
     toward its entry of ``priors``) and move the stream on through it; returns the errors after (of
-    the last refitted block) and before each refit. ``watch(defer_down)`` opens a watch over the
-    layer's last pass."""
+    the last refitted block) and before each refit. ``open_watch(defer_down)`` opens a watch over
+    the layer's last pass."""
     blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
                          p_adapter.attention_projections(layer)["o_proj"]),
               MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
@@ -177,13 +177,13 @@ def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.M
     try:
         for m in modules:
             final = shortcut and m == modules[-1]
-            if final and watch is not None:  # the layer's last pass; down_proj's new outputs come later
-                opened = watch(True)
+            if final and open_watch is not None:  # the layer's last pass; down_proj's new outputs later
+                opened = open_watch(True)
             before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge, priors[m], keep=final)
         if seen is not None:
             after = _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts, opened)
         else:
-            opened = watch(False) if watch is not None else None
+            opened = open_watch(False) if open_watch is not None else None
             watched = blocks[modules[-1]][:2] if modules else None
             after = _advance(layer, watched, stream, parts, kwargs, opened)
     except BaseException:
@@ -300,20 +300,20 @@ def _refit(layer: nn.Module, block: nn.Module, dense_block: nn.Module, projectio
     inputs is the one to use: a layer refitted again at a later step is then pulled toward the same
     weights, not toward its last refit (which would weaken the ridge step by step)."""
     collector = LeastSquaresCollector(projection.in_features, projection.out_features)
-    watch = _DenseTargets(block, dense_block)
-    watch.errors = before = _Errors()
+    targets = _DenseTargets(block, dense_block)
+    targets.errors = before = _Errors()
     kept: list[_Seen] | None = [] if keep else None
     try:
         with tap(projection) as seen:
             for part, fitted in parts:
-                watch.fitted = fitted
+                targets.fitted = fitted
                 out = run_layer(layer, stream[part], kwargs)
                 if fitted:
-                    collector.add_batch(seen.inputs, _minus_bias(watch.target, projection))
+                    collector.add_batch(seen.inputs, _minus_bias(targets.target, projection))
                 if kept is not None:
-                    kept.append(_Seen(seen.inputs, seen.outputs, watch.target, out))
+                    kept.append(_Seen(seen.inputs, seen.outputs, targets.target, out))
     finally:
-        watch.remove()
+        targets.remove()
     projection.weight.copy_(collector.solve(ridge, prior).to(projection.weight.dtype))
     collector.free()
     return before, kept

@@ -28,14 +28,15 @@ class LayerMeasure:
     ``observe`` takes each batch's layer input and output, in the order the batches ran. With
     ``defer_down`` down_proj is not hooked: its inputs and outputs come through :meth:`add_down`
     (a refit pass runs the layer before its down_proj changes, so the hook would see old outputs).
+    With ``obs_damping`` the output projections' input Gram matrices are collected too, for OBS
+    scores at that damping.
     """
 
-    def __init__(self, adapter: FamilyAdapter, layer: nn.Module, *, hessian: bool = False,
-                 defer_down: bool = False, on_close: Callable[[ForwardStats], None] | None = None,
-                 spike_ratio: float = SPIKE_RATIO, spike_min: float = SPIKE_MIN,
-                 obs_damping: float | None = None):
+    def __init__(self, adapter: FamilyAdapter, layer: nn.Module, *, defer_down: bool = False,
+                 on_close: Callable[[ForwardStats], None] | None = None, spike_ratio: float = SPIKE_RATIO,
+                 spike_min: float = SPIKE_MIN, obs_damping: float | None = None):
         self.adapter, self.layer = adapter, layer
-        self.collectors, self.handles = attach_collectors(adapter, layer, hessian=hessian,
+        self.collectors, self.handles = attach_collectors(adapter, layer, hessian=obs_damping is not None,
                                                           hook_down=not defer_down)
         self.channels = next(c for c in self.collectors.values() if isinstance(c, ChannelCollector))
         self.depth = DepthCollector()
@@ -86,8 +87,8 @@ class WalkProfile:
         def keep(stats: ForwardStats) -> None:
             self.stats[index] = stats
 
-        return LayerMeasure(self.adapter, layer, hessian=self.hessians, defer_down=defer_down,
-                            on_close=keep, obs_damping=self.obs_damping if self.hessians else None)
+        return LayerMeasure(self.adapter, layer, defer_down=defer_down, on_close=keep,
+                            obs_damping=self.obs_damping if self.hessians else None)
 
     def profile(self):
         """The :class:`SensitivityProfile`, or None when the walk did not measure every layer (a walk

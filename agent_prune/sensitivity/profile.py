@@ -202,8 +202,8 @@ def _forward_layer(
     scores at ``obs_damping`` when it is set)."""
     layer = adapter.layers()[index]
     with on_device(layer, work):
-        measure = LayerMeasure(adapter, layer, hessian=obs_damping is not None, spike_ratio=spike_ratio,
-                               spike_min=spike_min, obs_damping=obs_damping)
+        measure = LayerMeasure(adapter, layer, spike_ratio=spike_ratio, spike_min=spike_min,
+                               obs_damping=obs_damping)
         try:
             for batch in inputs.batches:
                 out = run_layer(layer, hidden[batch], inputs.kwargs[index])
@@ -211,9 +211,7 @@ def _forward_layer(
                 hidden[batch] = out
         finally:
             measure.detach()
-        stats = measure.close()
-    release_memory()
-    return stats
+        return measure.close()  # trims the heap after the layer's temporaries
 
 
 def _backward(
