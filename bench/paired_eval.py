@@ -6,6 +6,9 @@ error and z.
     agent-prune eval --model A --data-dir ../shared/data --tasks wikitext2,freebaseqa --windows 32 \\
         --limit 300 --per-item --json > a.json        # the same for B > b.json
     python bench/paired_eval.py a.json b.json --json-out bench/results/paired.json
+
+Either side may also be one row of a ``bench/width_pruners.py`` result, named ``FILE#ROW`` (the
+row's index, from 0): its per-window WikiText-2 NLLs are compared with the other side's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from agent_prune.io import atomic_write_json
 
 
 def tasks_of(path: str) -> dict:
+    path, _, row = path.partition("#")
     data = json.loads(Path(path).read_text())
+    if row:  # a bench/width_pruners.py row: only its WikiText-2 windows are per item
+        return {"wikitext2": {"per_item": {"window_nll": data["rows"][int(row)]["window_nll"]}}}
     return data.get("tasks", data)
 
 
