@@ -17,16 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent_prune.io import atomic_write_json
-
-
-def trace_events(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines() if line.strip()]
+from agent_prune.agent.trace import read_trace
+from agent_prune.io import atomic_write_json, read_json
 
 
 def record(run: Path) -> dict:
-    events = trace_events(run)
-    summary = json.loads((run / "summary.json").read_text())
+    events = read_trace(run / "trace.jsonl")
+    summary = read_json(run / "summary.json")
     plans = [{"iteration": e["iteration"], "status": e["status"], "fallback_reason": e.get("fallback_reason"),
               "seconds": e.get("duration_s"), "replies": len(e.get("attempts", [])),
               "proposal": e.get("proposal")}

@@ -103,9 +103,9 @@ class HeadCollector(LinearCollector):
     def add_batch(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
         super().add_batch(inputs, output)
         flat = inputs.detach().reshape(-1, inputs.shape[-1])
-        for start in range(0, flat.shape[0], HEAD_CHUNK_TOKENS):
-            chunk = flat[start : start + HEAD_CHUNK_TOKENS]
-            self.head_l1 += metrics.head_output_l1(chunk, self.module.weight, self.head_dim).sum(0).double()
+        weight = self.module.weight
+        for rows in batch_slices(flat.shape[0], HEAD_CHUNK_TOKENS):
+            self.head_l1 += metrics.head_output_l1(flat[rows], weight, self.head_dim).sum(0).double()
 
     def head_scores(self) -> torch.Tensor:
         return (self.head_l1 / max(self.tokens, 1)).float()
