@@ -3,9 +3,10 @@ compensation, through the project's own code (profile, allocation, actions, reco
 
 Protocol: SmolLM2-135M-Instruct (fp32, CPU); the MLP channels of ``--sparsity`` of the prunable
 (decoder linear) parameters removed in one shot; channel scores from the sensitivity profile on
-``--calib`` C4 calibration windows of 512 tokens (seed 0, the loop's ``calibration_windows``);
-allocation ``even`` (the same count in every layer), ``global`` (the score's own standardised values
-ranked across layers, :mod:`agent_prune.agent.allocation`, at most 60% of a layer) or
+``--calib`` C4 calibration windows of ``--calib-seqlen`` tokens (512 unless set; seed
+``--calib-seed``, 0 unless set; the loop's ``calibration_windows``); allocation ``even`` (the same
+count in every layer), ``global`` (the score's own standardised values ranked across layers,
+:mod:`agent_prune.agent.allocation`, at most 60% of a layer) or
 ``global-SCORE`` (ranked by another score's, e.g. ``l2:global-fluctuation:refit`` keeps the L2
 choice of channels inside each layer and sizes the layers by fluctuation, as the loop does);
 compensation ``none``, ``refit`` (local reconstruction of each cut ``down_proj`` toward the dense
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--sparsity", type=float, default=0.2)
     p.add_argument("--calib", type=int, default=32, help="C4 calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows' draw")
     p.add_argument("--rows", default="l2:even:none,l2:even:refit,l2:global:none,l2:global:refit,"
                                      "amp:global:refit", help="comma list of score:allocation:compensation")
     p.add_argument("--obs-damping", type=float, default=None,
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
     data_dir = resolve_data_dir(args.data_dir)
     loaded = load_model(args.model)
     dense = loaded.model
-    windows = calibration_windows(loaded.tokenizer, c4_documents(data_dir), args.calib, 512, seed=0)
+    windows = calibration_windows(loaded.tokenizer, c4_documents(data_dir), args.calib, args.calib_seqlen,
+                                  seed=args.calib_seed)
     rows = [tuple(r.split(":")) for r in args.rows.split(",")]
     started = time.perf_counter()
     scores_used = {r[0] for r in rows} | {r[1].split("-", 1)[1] for r in rows if "-" in r[1]}
@@ -124,6 +128,7 @@ def main(argv=None) -> int:
     if args.json_out:
         atomic_write_json(Path(args.json_out), {
             "protocol": {"model": args.model, "sparsity": args.sparsity, "calib_windows": args.calib,
+                         "calib_seqlen": args.calib_seqlen, "calib_seed": args.calib_seed,
                          "obs_damping": args.obs_damping,
                          "seqlen": 512, "ppl": "WikiText-2 raw test, seqlen 512, first 32 windows"},
             "rows": results})

@@ -15,7 +15,7 @@ from tests.conftest import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny data directory holds short rows: run options sized for it (the loop itself is unchanged).
-SMALL = dict(seqlen=32, eval_windows=4, probe_limit=8, kl_windows=2, calib_samples=4,
+SMALL = dict(seqlen=32, eval_windows=4, probe_limit=8, kl_windows=2, calib_samples=4, calib_seqlen=32,
              final_eval={"windows": 0, "seqlen": 32, "freebaseqa_limit": 8, "arc_limit": 8, "speed": False})
 
 

@@ -41,7 +41,8 @@ def _tiny_argv(tmp_path, *extra: str) -> list[str]:
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n## Recovery\n\nkept as it is\n")
     return ["--model", str(model), "--data-dir", str(data), "--targets", str(TARGET), "--seqlen", "32",
-            "--calib-samples", "4", "--windows", "4", "--freebaseqa", "8", "--arc", "8",
+            "--calib-samples", "4", "--calib-seqlen", "32", "--windows", "4", "--freebaseqa", "8",
+            "--arc", "8",
             "--agent-option", "eval_windows=4", "--agent-option", "probe_limit=8",
             "--agent-option", "kl_windows=2", "--work", str(tmp_path / "work"),
             "--json-out", str(tmp_path / "compare.json"), "--doc", str(tmp_path / "docs" / "benchmarks.md"),

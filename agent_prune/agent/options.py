@@ -107,8 +107,14 @@ class RunOptions(BaseModel):
     profile_hessians: bool = Field(
         False, description="input Gram matrices of o_proj/down_proj in each step's profile (the obs "
                            "pruner's structured OBS scores need them; a few seconds a layer on CPU)")
-    calib_samples: int = Field(32, ge=1, description="C4 windows of seqlen tokens for the profile and "
-                                                       "the reconstruction of each candidate")
+    calib_samples: int = Field(128, ge=1, description="C4 windows of calib_seqlen tokens for the profile "
+                                                        "and the reconstruction of each candidate")
+    calib_seqlen: int = Field(128, ge=16, description="tokens per calibration window (seqlen is the "
+                                                        "evaluation windows'): 128 windows of 128 tokens "
+                                                        "come from four times as many documents as 32 of "
+                                                        "512, and gave the refit lower test perplexity at "
+                                                        "the same cost (docs/benchmarks.md, 'Shorter "
+                                                        "calibration windows')")
     width_multiple: int = Field(1, ge=1, description="every thinned layer keeps a multiple of this many "
                                                       "MLP channels (e.g. 64, for aligned kernels)")
     uniform_width: bool = Field(False, description="width steps cut every layer to one common MLP width and "

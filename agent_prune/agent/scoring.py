@@ -96,7 +96,7 @@ class Scoring:
         r, o = self.resources, self.resources.options
         protocol = {"task": "sensitivity profile", "dtype": o.dtype, "device": self.device_kind,
                     "offloaded": r.base.offload is not None, "calib_samples": o.calib_samples,
-                    "seqlen": o.seqlen, "seed": o.seed, "gradients": o.profile_gradients,
+                    "seqlen": o.calib_seqlen, "seed": o.seed, "gradients": o.profile_gradients,
                     "hessians": o.profile_hessians}
         profile = self._cached([C4_FILE], protocol, compute, sources=PROFILE_SOURCES)
         cached = profile.pop("cache", None) is not None

@@ -26,7 +26,8 @@ EXAMPLES = """examples:
 FLAG_FIELDS = (
     "model", "out", "target_sparsity", "planner", "planner_base_url", "planner_timeout",
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
-    "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples", "seed",
+    "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples",
+    "calib_seqlen", "seed",
     "data_dir", "device", "dtype", "profile_gradients", "profile_hessians", "export_format", "export_quant",
     "width_multiple", "uniform_width", "workers", "candidate_threads", "device_map",
 )
@@ -81,9 +82,12 @@ def add_run_args(parser) -> None:
     parser.add_argument("--eval-windows", type=int, help="WikiText-2 validation windows per score")
     parser.add_argument("--probe-limit", type=int, help="FreebaseQA multiple-choice questions per score")
     parser.add_argument("--kl-windows", type=int, help="held-out C4 windows for KL to dense (0: off)")
-    parser.add_argument("--seqlen", type=int, help="tokens per window (default 512)")
+    parser.add_argument("--seqlen", type=int, help="tokens per evaluation window (default 512)")
     parser.add_argument("--calib-samples", type=int,
-                        help="C4 calibration windows for profiling and reconstruction (default 32)")
+                        help="C4 calibration windows for profiling and reconstruction (default 128)")
+    parser.add_argument("--calib-seqlen", type=int,
+                        help="tokens per calibration window (default 128; --seqlen sets the "
+                             "evaluation windows')")
     parser.add_argument("--profile-gradients", action="store_true", default=None,
                         help="add gradient and Taylor metrics to each step's profile (the taylor "
                              "pruner needs them; doubles the profile's cost)")

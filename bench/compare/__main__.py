@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent_prune.agent.options import RunOptions
 from agent_prune.io import atomic_write_json, read_json
 from bench.compare import report
 from bench.compare.evaluate import Protocol
@@ -52,9 +53,11 @@ def parse_args(argv=None):
     p.add_argument("--planner", default="heuristic", help="agent-prune planner of the main agent row")
     p.add_argument("--llm-planner", help="an extra agent-prune row with this planner "
                                          "(openai:MODEL@URL or hf:PATH)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per window (evaluation and calibration)")
-    p.add_argument("--calib-samples", type=int, default=32,
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window")
+    p.add_argument("--calib-samples", type=int, default=RunOptions.model_fields["calib_samples"].default,
                    help="C4 calibration windows for every method (the agent loop's default)")
+    p.add_argument("--calib-seqlen", type=int, default=RunOptions.model_fields["calib_seqlen"].default,
+                   help="tokens per calibration window for every method (the agent loop's default)")
     p.add_argument("--agent-option", action="append", default=[], metavar="KEY=JSON",
                    help="extra agent-prune RunOptions field, e.g. eval_windows=4 (repeatable)")
     p.add_argument("--windows", type=int, default=32, help="WikiText-2 test windows")
@@ -90,7 +93,7 @@ def main(argv=None) -> dict:
     result = read_json(out) if out.is_file() else {}
     if result.get("protocol", {}).get("eval") != protocol.model_dump():
         result = {}  # another protocol: nothing cached applies
-    calibration = Calibration(args.calib_samples, args.seqlen)
+    calibration = Calibration(args.calib_samples, args.calib_seqlen)
     result.update(command="python -m bench.compare " + shlex.join(argv),
                   protocol=_protocol(protocol, calibration),
                   machine=_machine(result.get("machine"), args.device))
@@ -144,7 +147,8 @@ def worker(args, job: str, out: Path, target: float, **extra) -> None:
     command = [sys.executable, "-m", "bench.compare.worker", job, "--model", args.model,
                "--data-dir", args.data_dir, "--out", str(out), "--target", str(target),
                "--device", args.device]
-    extra = {"seqlen": args.seqlen, "calib-samples": args.calib_samples, **extra}
+    extra = {"seqlen": args.seqlen, "calib-samples": args.calib_samples, "calib-seqlen": args.calib_seqlen,
+             **extra}
     for key, value in extra.items():
         command += [f"--{key}", str(value)]
     print("+ " + shlex.join(command[1:]), file=sys.stderr, flush=True)

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--method", choices=tuple(ONE_SHOT))
     parser.add_argument("--recovery", choices=("none", "reconstruct"), default="reconstruct")
     parser.add_argument("--planner", default="heuristic")
-    parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    parser.add_argument("--seqlen", type=int, default=512, help="evaluation window length")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="calibration window length")
     parser.add_argument("--calib-samples", type=int, default=16, help="C4 calibration windows")
     parser.add_argument("--state", help="evaluate: state directory to replay (default: the dense model)")
     parser.add_argument("--windows", type=int, default=32, help="evaluate: WikiText-2 test windows")
@@ -61,7 +62,7 @@ def _setup(args):
 
     loaded = load_model(args.model, device=args.device)
     data_dir = resolve_data_dir(args.data_dir)
-    calibration = Calibration(samples=args.calib_samples, seqlen=args.seqlen)
+    calibration = Calibration(samples=args.calib_samples, seqlen=args.calib_seqlen)
     return loaded, data_dir, calibration.windows(loaded.tokenizer, data_dir)
 
 
@@ -96,7 +97,7 @@ def mop_job(args) -> int:
 
     loaded, data_dir, windows = _setup(args)
     held_aside = c4_documents(data_dir)[-KL_HELD_ASIDE_DOCUMENTS:]
-    kl_windows = calibration_windows(loaded.tokenizer, held_aside, 4, windows.shape[1], 0)
+    kl_windows = calibration_windows(loaded.tokenizer, held_aside, 4, args.seqlen, 0)
     cost: dict = {"status": "stopped"}
     try:
         with holding(args.out), measured(cost):
@@ -115,7 +116,8 @@ def agent_job(args) -> int:
     cost: dict = {"status": "stopped"}
     try:
         with holding(args.out), measured(cost):
-            options = {"seqlen": args.seqlen, "calib_samples": args.calib_samples, "device": args.device,
+            options = {"seqlen": args.seqlen, "calib_samples": args.calib_samples,
+                       "calib_seqlen": args.calib_seqlen, "device": args.device,
                        **json.loads(args.agent_options)}
             summary = run_agent(args.model, args.data_dir, args.out, args.target, args.planner,
                                 args.recovery, **options)

@@ -18,7 +18,7 @@ def tiny_run_options(tmp: Path, **overrides) -> RunOptions:
         write_data_dir(data_dir, questions=40)
     values = dict(
         model=str(model_dir), out=str(tmp / "run"), target_sparsity=0.3, data_dir=str(data_dir),
-        seqlen=32, eval_windows=4, probe_limit=8, kl_windows=2, calib_samples=4,
+        seqlen=32, eval_windows=4, probe_limit=8, kl_windows=2, calib_samples=4, calib_seqlen=32,
         # One layer's worth a step, pinned: these runs stop, resume and roll back
         # between several steps of the 6-layer model.
         step_fraction=1 / 6,
