@@ -63,8 +63,13 @@ def read_run_options(run_dir: str | Path) -> RunOptions:
         raise InputError(f"{run_dir} is not a run directory (no {RUN_FILE})",
                          "pass the directory given to 'agent-prune run --out'")
     try:
-        return RunOptions.model_validate(read_json(path)["options"])
-    except (ValueError, KeyError, TypeError):  # JSONDecodeError and ValidationError are ValueErrors
+        saved = read_json(path)["options"]
+        # runs started before calib_seqlen existed calibrated on windows of seqlen tokens: a resume
+        # keeps their windows (the refit of later steps assumes the earlier steps' windows)
+        saved.setdefault("calib_seqlen", saved.get("seqlen", 512))
+        return RunOptions.model_validate(saved)
+    # JSONDecodeError and ValidationError are ValueErrors; AttributeError: options that are not a table
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise InputError(f"{path} is corrupt (not the JSON that 'agent-prune run' writes)",
                          RESTART_HINT) from None
 

@@ -2,9 +2,9 @@
 windows, the evaluation windows keep seqlen, and the dense profile's cache knows the difference."""
 
 from agent_prune.agent.resources import RunResources
-from agent_prune.agent.session import start_run
+from agent_prune.agent.session import RUN_FILE, read_run_options, start_run
 from agent_prune.agent.trace import read_trace
-from agent_prune.io import read_json
+from agent_prune.io import atomic_write_json, read_json
 from tests.agent.loop_fixtures import tiny_run_options
 from tests.agent.test_report_cache import dense_profile_cached
 
@@ -32,3 +32,12 @@ def test_a_run_profiles_and_refits_on_short_windows_and_evaluates_on_long_ones(t
     start_run(tiny_run_options(tmp_path, out=str(tmp_path / "run3"), calib_seqlen=16, calib_samples=6,
                                **options))
     assert dense_profile_cached(tmp_path / "run3") == [True]
+
+
+def test_a_run_from_before_calib_seqlen_resumes_on_its_own_windows(tmp_path):
+    """run.json of an older run has no calib_seqlen: its calibration windows were seqlen long."""
+    options = tiny_run_options(tmp_path).model_dump(mode="json")
+    del options["calib_seqlen"]
+    (tmp_path / "old").mkdir()
+    atomic_write_json(tmp_path / "old" / RUN_FILE, {"options": options})
+    assert read_run_options(tmp_path / "old").calib_seqlen == options["seqlen"] == 32
