@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 # A candidate's sensitivity profile, measured during its refit walk, beside its state: an accepted
 # step carries it, and the next iteration reads it instead of profiling the step again.
 PROFILE_FILE = "profile.json"
-# the refit walks 8 windows of 512 a part: its 25 MB buffers are mapped and returned (heap.py)
-REFIT_BATCH_TOKENS = 4096
 
 
 def first_changed_layer(actions: list[dict]) -> int:
@@ -73,7 +71,6 @@ class CandidateBuilder:
 
         sources = [record.source for record in manifest.layers]
         return WalkProfile(candidate, self.resources.calibration, sources, hessians=options.profile_hessians,
-                           batch_size=self.resources.calibration_batch(REFIT_BATCH_TOKENS),
                            dataset="c4", seed=options.seed, model_name=options.model)
 
     def candidate(self, model: nn.Module, manifest: Manifest, actions: list[dict], profile: dict,
@@ -133,8 +130,7 @@ class CandidateBuilder:
         # Every state the loop builds on was reconstructed on the same windows (or is dense), so
         # layers before this step's first change would refit to what they already hold.
         report = reconstruct(model, self.resources.base.model, manifest, self.resources.calibration,
-                             first_changed=first_changed, measure=measure,  # marks overrides
-                             batch_size=self.resources.calibration_batch(REFIT_BATCH_TOKENS))
+                             first_changed=first_changed, measure=measure)  # marks overrides
         return {"method": "reconstruct", "seconds": round(report.seconds, 2),
                 "modules": len(report.overrides)}
 

@@ -10,8 +10,6 @@ from torch import nn
 from agent_prune.agent.resources import RunResources
 from agent_prune.io import read_json
 
-PROFILE_BATCH_TOKENS = 1024  # profile_model's 2 windows of 512: one batch's autograd graph bounds its peak
-
 
 def profile_state(resources: RunResources, model: nn.Module, manifest) -> dict:
     """The sensitivity profile of ``model`` on the run's calibration windows, with progress bars."""
@@ -29,7 +27,6 @@ def profile_state(resources: RunResources, model: nn.Module, manifest) -> dict:
     options = resources.options
     result = profile_model(
         model, resources.calibration, device=options.device, progress=progress,
-        batch_size=resources.calibration_batch(PROFILE_BATCH_TOKENS),
         layer_sources=[record.source for record in manifest.layers], dataset="c4",
         seed=options.seed, model_name=options.model, gradients=options.profile_gradients,
         hessians=options.profile_hessians,

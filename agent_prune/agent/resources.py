@@ -82,11 +82,6 @@ class RunResources:
         return calibration_windows(self.base.tokenizer, docs, self.options.calib_samples,
                                    self.options.calib_seqlen, seed=self.options.seed)
 
-    def calibration_batch(self, tokens: int) -> int:
-        """Calibration windows per batch for about ``tokens`` tokens a batch, so that buffers keep
-        their size (and their place above the mmap threshold, heap.py) whatever the window length."""
-        return max(1, tokens // self.options.calib_seqlen)
-
     @property
     def hidden_size(self) -> int:
         return self.base.adapter.hidden_size

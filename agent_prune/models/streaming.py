@@ -54,6 +54,16 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+# A refit walk's part: 8 windows of 512, whose 25 MB buffers are mapped and returned (heap.py).
+WALK_BATCH_TOKENS = 4096
+
+
+def windows_per_batch(tokens: int, seqlen: int) -> int:
+    """Windows of ``seqlen`` tokens in a batch of about ``tokens`` tokens (at least one), so that a
+    pass's buffers keep their size whatever the calibration windows' length."""
+    return max(1, tokens // seqlen)
+
+
 def batch_slices(total: int, size: int) -> list[slice]:
     """Consecutive slices of ``size`` over ``total`` items (the last one may be shorter)."""
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]

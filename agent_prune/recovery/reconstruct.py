@@ -33,7 +33,14 @@ from torch import nn
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
 from agent_prune.models.offload import materialized
-from agent_prune.models.streaming import batch_slices, capture_layer_inputs, run_layer, tap
+from agent_prune.models.streaming import (
+    WALK_BATCH_TOKENS,
+    batch_slices,
+    capture_layer_inputs,
+    run_layer,
+    tap,
+    windows_per_batch,
+)
 from agent_prune.recovery.layout import Layout, kept_inputs, layer_sources, mark_overridden
 from agent_prune.recovery.ridge import LeastSquaresCollector
 
@@ -96,7 +103,7 @@ def reconstruct(
     heldout: int = 0,
     scope: str = "touched",
     first_changed: int = 0,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     measure: Measure | None = None,
 ) -> ReconstructionReport:
@@ -121,6 +128,7 @@ def reconstruct(
     _check_inputs(p_adapter, d_adapter, sources, windows, heldout, scope, prior)
     windows = windows.to(next(pruned.parameters()).device)  # calibration ids may sit on the CPU
     n_fit = windows.shape[0] - heldout
+    batch_size = batch_size or windows_per_batch(WALK_BATCH_TOKENS, windows.shape[1])
     plan = [_modules_to_refit(p_adapter, d_adapter, layer, d_adapter.layers()[source], scope)
             if index >= first_changed else []
             for index, (layer, source) in enumerate(zip(p_adapter.layers(), sources))]

@@ -16,6 +16,7 @@ from torch import nn
 
 from agent_prune.heap import release_memory
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.streaming import WALK_BATCH_TOKENS, windows_per_batch
 from agent_prune.sensitivity import metrics
 from agent_prune.sensitivity.collectors import ChannelCollector, DepthCollector
 from agent_prune.sensitivity.layerstats import ForwardStats, attach_collectors, forward_stats
@@ -74,11 +75,13 @@ class WalkProfile:
     on the same windows (forward metrics only; the same values up to float summation order)."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, layer_sources: list[int], *,
-                 hessians: bool = False, obs_damping: float = metrics.OBS_DAMPING, batch_size: int = 8,
-                 **info):
+                 hessians: bool = False, obs_damping: float = metrics.OBS_DAMPING,
+                 batch_size: int | None = None, **info):
         self.model, self.windows, self.sources = model, windows, layer_sources
         self.adapter = adapter_for(model)
-        self.hessians, self.obs_damping, self.batch_size = hessians, obs_damping, batch_size
+        # the walk's batches are the refit's (reconstruct's default), recorded in the profile
+        self.batch_size = batch_size or windows_per_batch(WALK_BATCH_TOKENS, windows.shape[1])
+        self.hessians, self.obs_damping = hessians, obs_damping
         self.info = info  # dataset, seed, model_name for the profile's header
         self.stats: dict[int, ForwardStats] = {}
         self.started = time.perf_counter()

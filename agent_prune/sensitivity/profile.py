@@ -31,6 +31,7 @@ from agent_prune.models.streaming import (
     capture_layer_inputs,
     on_device,
     run_layer,
+    windows_per_batch,
 )
 from agent_prune.sensitivity import gradients as grad_pass
 from agent_prune.sensitivity import metrics
@@ -53,6 +54,8 @@ from agent_prune.sensitivity.schema import (
 from agent_prune.sensitivity.superweights import SPIKE_MIN, SPIKE_RATIO, protect_super_weights, super_weights
 
 Progress = Callable[[str, int, int], None]
+# the default batch: 2 windows of 512 (the backward holds one batch's graph through a layer)
+PROFILE_BATCH_TOKENS = 1024
 
 
 def profile_model(
@@ -63,7 +66,7 @@ def profile_model(
     gradients: bool = True,
     hessians: bool = False,
     obs_damping: float = metrics.OBS_DAMPING,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     progress: Progress | None = None,
     layer_sources: list[int] | None = None,
     previous: SensitivityProfile | None = None,
@@ -87,7 +90,8 @@ def profile_model(
     picks the first layer whose fingerprint or source differs from ``previous``. Weights
     stay where they are; each layer runs on ``device`` while it is measured. ``store`` keeps layer
     inputs between calls (for cheap partial profiles); without it a temporary ``activation_store``
-    ("disk" or "memory") is used when gradients are wanted. ``batch_size`` windows run together;
+    ("disk" or "memory") is used when gradients are wanted. ``batch_size`` windows run together
+    (default: about 1,024 tokens' worth);
     the backward keeps one batch's autograd graph through one layer (about 50 MiB per 512-token
     window on the shared model), so small batches bound the peak.
     """
@@ -99,6 +103,8 @@ def profile_model(
     fingerprints = [layer_fingerprint(layer) for layer in adapter.layers()]
     keys = prefix_keys(digest, fingerprints)
     start_layer = _resolve_start(start_layer, previous, digest, sources, fingerprints)
+    if batch_size is None:
+        batch_size = windows_per_batch(PROFILE_BATCH_TOKENS, windows.shape[1])
     if batch_size < 1:
         raise InputError(f"batch size {batch_size} is not positive", "use a batch size of 1 or more")
     work = resolve_device(device)

@@ -5,6 +5,7 @@ from agent_prune.agent.resources import RunResources
 from agent_prune.agent.session import RUN_FILE, read_run_options, start_run
 from agent_prune.agent.trace import read_trace
 from agent_prune.io import atomic_write_json, read_json
+from agent_prune.models.streaming import windows_per_batch
 from tests.agent.loop_fixtures import tiny_run_options
 from tests.agent.test_report_cache import dense_profile_cached
 
@@ -12,8 +13,8 @@ from tests.agent.test_report_cache import dense_profile_cached
 def test_calibration_windows_take_calib_seqlen_and_batches_keep_their_tokens(tmp_path):
     resources = RunResources(tiny_run_options(tmp_path, calib_samples=6, calib_seqlen=16))
     assert tuple(resources.calibration.shape) == (6, 16)
-    assert resources.calibration_batch(4096) == 256
-    assert resources.calibration_batch(8) == 1  # never an empty batch
+    assert windows_per_batch(4096, resources.options.calib_seqlen) == 256
+    assert windows_per_batch(8, resources.options.calib_seqlen) == 1  # never an empty batch
 
 
 def test_a_run_profiles_and_refits_on_short_windows_and_evaluates_on_long_ones(tmp_path):
