@@ -67,13 +67,19 @@ def prune_attention(adapter: FamilyAdapter, layer: nn.Module, kv_keep: torch.Ten
 
 
 def prune_mlp(adapter: FamilyAdapter, layer: nn.Module, channel_keep: torch.Tensor) -> None:
-    """Keep MLP intermediate channels ``channel_keep``: gate/up rows and down_proj columns together."""
+    """Keep MLP intermediate channels ``channel_keep`` of ``layer``."""
+    slice_mlp(adapter.mlp(layer), channel_keep)
+
+
+def slice_mlp(mlp: nn.Module, channel_keep: torch.Tensor) -> nn.Module:
+    """Keep intermediate channels ``channel_keep`` of a gated MLP: gate/up rows and down_proj
+    columns together; returns ``mlp``."""
     if len(channel_keep) == 0:
         raise ValueError("cannot remove every MLP channel")
-    proj = adapter.mlp_projections(layer)
-    slice_linear(proj["gate_proj"], rows=channel_keep)
-    slice_linear(proj["up_proj"], rows=channel_keep)
-    slice_linear(proj["down_proj"], cols=channel_keep)
+    slice_linear(mlp.gate_proj, rows=channel_keep)
+    slice_linear(mlp.up_proj, rows=channel_keep)
+    slice_linear(mlp.down_proj, cols=channel_keep)
+    return mlp
 
 
 def positions_within(kept: Sequence[int], available: Sequence[int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ refitted so far. Only the hidden states entering the current layer are held.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from functools import partial
@@ -30,6 +31,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from agent_prune.actions.surgery import slice_mlp
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
 from agent_prune.models.offload import materialized
@@ -144,15 +146,15 @@ def reconstruct(
     for index, source in enumerate(sources):
         modules = plan[index]
         if index > last:  # past the last refit the stream is not needed
-            records.append(_record(index, source, [], {}, None))
+            records.append(_record(index, source, [], None))
             continue
         layer, dense_layer = p_adapter.layers()[index], d_adapter.layers()[source]
         with materialized(layer, write=bool(modules)), materialized(dense_layer):  # offloaded: one pair
-            priors = _priors(prior, modules, manifest, index, p_adapter, d_adapter, layer, dense_layer)
+            kept = kept_inputs(manifest, index, d_adapter.head_dim)
+            fits = [_fit_for(m, prior, kept, p_adapter, d_adapter, layer, dense_layer) for m in modules]
             open_watch = partial(measure, index, layer) if measure is not None else None
-            after, before = _refit_layer(p_adapter, d_adapter, layer, dense_layer, modules, stream, parts,
-                                         kwargs[index], ridge, priors, open_watch)
-        records.append(_record(index, source, modules, before, after))
+            errors = _refit_layer(p_adapter, layer, fits, stream, parts, kwargs[index], ridge, open_watch)
+        records.append(_record(index, source, modules, errors))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
             mark_overridden(manifest, index, module)
@@ -165,56 +167,97 @@ def reconstruct(
     )
 
 
-def _refit_layer(p_adapter: FamilyAdapter, d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module,
-                 modules: list[str], stream: torch.Tensor, parts, kwargs: dict, ridge: float,
-                 priors: dict[str, torch.Tensor | None], open_watch: Callable[[bool], Watch] | None = None
-                 ) -> tuple[_Errors | None, dict[str, _Errors]]:
-    """Refit ``modules`` of one layer toward the dense layer's sub-blocks (the ridge pulling each
-    toward its entry of ``priors``) and move the stream on through it; returns the errors after (of
-    the last refitted block) and before each refit. ``open_watch(defer_down)`` opens a watch over
-    the layer's last pass."""
-    blocks = {ATTN_OUT: (p_adapter.attention(layer), d_adapter.attention(dense_layer),
-                         p_adapter.attention_projections(layer)["o_proj"]),
-              MLP_OUT: (p_adapter.mlp(layer), d_adapter.mlp(dense_layer),
-                        p_adapter.mlp_projections(layer)["down_proj"])}
+class _Fit(NamedTuple):
+    """How one output projection is refitted: ``target`` runs beside ``block`` on the same inputs and
+    gives the regression target ``Y`` (less the projection's bias); with an ``offset`` weight ``W0``
+    the whole target is ``x W0^T + Y`` (:class:`~.ridge.LeastSquaresCollector`); the ridge pulls
+    toward ``prior`` (zero when None)."""
+
+    module: str
+    block: nn.Module
+    target: nn.Module
+    projection: nn.Linear
+    offset: torch.Tensor | None
+    prior: torch.Tensor | None
+
+
+def _fit_for(module: str, prior: str, kept: dict[str, list[int]] | None, p_adapter: FamilyAdapter,
+             d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module) -> _Fit:
+    """The refit of ``module`` (an output projection of ``layer``, cut from ``dense_layer``).
+
+    ``prior`` (``reconstruct``'s): ``zero``; ``dense``, the dense weight on the inputs ``kept`` says
+    were kept, or without them the projection's weight as it is (the dense one, for a layer cut once).
+    Where the MLP's kept channels are the dense ones unchanged (gate and up rows equal), the dense MLP's
+    output is the kept channels through the dense down_proj columns plus the removed channels' own
+    output: only the removed channels run per token, and the dense columns become the fit's offset.
+    """
+    block, dense_block = ((p_adapter.attention(layer), d_adapter.attention(dense_layer)) if module == ATTN_OUT
+                          else (p_adapter.mlp(layer), d_adapter.mlp(dense_layer)))
+    projection = _output_projection(p_adapter, layer, module)
+    dense_projection = _output_projection(d_adapter, dense_layer, module)
+    columns = None if kept is None else dense_projection.weight[:, kept[module]]
+    weights = {"zero": None, "dense": projection.weight if columns is None else columns}[prior]
+    removed = _removed_channels(block, dense_block, kept[module]) if module == MLP_OUT and kept else None
+    if removed is None:
+        return _Fit(module, block, dense_block, projection, None, weights)
+    lost_channels = slice_mlp(copy.deepcopy(dense_block), removed)
+    return _Fit(module, block, lost_channels, projection, columns, weights)
+
+
+def _removed_channels(mlp: nn.Module, dense_mlp: nn.Module, kept: list[int]) -> torch.Tensor | None:
+    """The dense MLP channels ``mlp`` lost, where its kept channels are the dense ones unchanged
+    (None when none were lost or the kept ones changed, e.g. after distillation healing)."""
+    index = torch.as_tensor(kept, dtype=torch.long, device=dense_mlp.down_proj.weight.device)
+    for name in ("gate_proj", "up_proj"):
+        part, dense_part = getattr(mlp, name), getattr(dense_mlp, name)
+        if not torch.equal(part.weight, dense_part.weight.index_select(0, index)):
+            return None
+        if (part.bias is None) != (dense_part.bias is None) or (
+                part.bias is not None and not torch.equal(part.bias, dense_part.bias.index_select(0, index))):
+            return None
+    lost = torch.ones(dense_mlp.down_proj.in_features, dtype=torch.bool, device=index.device)
+    lost[index] = False
+    return lost.nonzero().flatten() if lost.any() else None
+
+
+class _Errors(NamedTuple):
+    """Relative squared errors of a refitted projection's output against its target, before and
+    after the refit, on the fitted windows and on the held-out ones (None without any)."""
+
+    fit_before: float
+    fit_after: float
+    heldout_before: float | None
+    heldout_after: float | None
+
+
+def _refit_layer(p_adapter: FamilyAdapter, layer: nn.Module, fits: list[_Fit], stream: torch.Tensor, parts,
+                 kwargs: dict, ridge: float, open_watch: Callable[[bool], Watch] | None = None
+                 ) -> _Errors | None:
+    """Refit each of ``fits`` in turn and move the stream on through the layer; returns the errors of
+    the last refitted projection. ``open_watch(defer_down)`` opens a watch over the layer's last pass."""
     # When the MLP's down_proj is refitted last and its output goes straight into the residual
     # stream, the refit pass keeps what it saw and the stream moves on by the change of that
     # projection's output alone: no second pass through the layer.
-    shortcut = bool(modules) and modules[-1] == MLP_OUT and p_adapter.projections_feed_residual(layer)
-    before, seen, opened = {}, None, None
+    shortcut = bool(fits) and fits[-1].module == MLP_OUT and p_adapter.projections_feed_residual(layer)
+    errors, seen, opened = None, None, None
     try:
-        for m in modules:
-            final = shortcut and m == modules[-1]
+        for fit in fits:
+            final = shortcut and fit is fits[-1]
             if final and open_watch is not None:  # the layer's last pass; down_proj's new outputs later
                 opened = open_watch(True)
-            before[m], seen = _refit(layer, *blocks[m], stream, parts, kwargs, ridge, priors[m], keep=final)
+            errors, seen = _refit(layer, fit, stream, parts, kwargs, ridge, keep=final)
         if seen is not None:
-            after = _advance_by_projection(blocks[MLP_OUT][2], seen, stream, parts, opened)
+            _advance_by_projection(fits[-1].projection, seen, stream, parts, opened)
         else:
             opened = open_watch(False) if open_watch is not None else None
-            watched = blocks[modules[-1]][:2] if modules else None
-            after = _advance(layer, watched, stream, parts, kwargs, opened)
+            _advance(layer, stream, parts, kwargs, opened)
     except BaseException:
         if opened is not None:
             opened.detach()
         raise
     if opened is not None:
         opened.close()
-    return after, before
-
-
-def _priors(prior: str, modules: list[str], manifest: Layout, index: int, p_adapter: FamilyAdapter,
-            d_adapter: FamilyAdapter, layer: nn.Module, dense_layer: nn.Module
-            ) -> dict[str, torch.Tensor | None]:
-    """What the ridge pulls each of ``modules`` (output projections of current layer ``index``) toward
-    (``reconstruct``'s ``prior``): None (zero), the dense weight on the inputs the manifest says it
-    kept, or without a manifest the projection's weight as it is (the dense one, for a layer cut once)."""
-    if prior == "zero":
-        return dict.fromkeys(modules)
-    kept = kept_inputs(manifest, index, d_adapter.head_dim)
-    if kept is None:
-        return {m: _output_projection(p_adapter, layer, m).weight for m in modules}
-    return {m: _output_projection(d_adapter, dense_layer, m).weight[:, kept[m]] for m in modules}
+    return errors
 
 
 def _output_projection(adapter: FamilyAdapter, layer: nn.Module, module: str) -> nn.Linear:
@@ -259,123 +302,91 @@ def _parts(count: int, n_fit: int, batch_size: int) -> list[tuple[slice, bool]]:
     return fit + held
 
 
-class _Errors:
-    """Squared error and squared target of a projection's output, fitted and held-out windows apart."""
+class _Targets:
+    """While active, every forward of ``block`` also runs ``target`` on the same inputs and keeps its
+    output (``value``)."""
 
-    def __init__(self):
-        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
-
-    def add(self, fitted: bool, output: torch.Tensor, target: torch.Tensor) -> None:
-        diff = (output - target).double()
-        self.sums[fitted][0] += float((diff * diff).sum())
-        self.sums[fitted][1] += float((target.double() ** 2).sum())
-
-    def relative(self, fitted: bool) -> float | None:
-        err, ref = self.sums[fitted]
-        return err / ref if ref > 0 else None
-
-
-class _DenseTargets:
-    """While active, every forward of ``block`` also runs ``dense_block`` on the same inputs; the
-    last pair is kept (``output``, ``target``) and added to ``errors`` if one is set."""
-
-    def __init__(self, block: nn.Module, dense_block: nn.Module):
-        self.dense_block = dense_block
-        self.output = self.target = None
-        self.errors: _Errors | None = None
-        self.fitted = True
+    def __init__(self, block: nn.Module, target: nn.Module):
+        self.target, self.value = target, None
         self.handle = block.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, _module, args, kwargs, output):
-        self.target = _first(self.dense_block(*args, **kwargs))
-        self.output = _first(output)
-        if self.errors is not None:
-            self.errors.add(self.fitted, self.output, self.target)
+    def _hook(self, _module, args, kwargs, _output):
+        self.value = _first(self.target(*args, **kwargs))
 
     def remove(self) -> None:
         self.handle.remove()
 
 
 @torch.no_grad()
-def _refit(layer: nn.Module, block: nn.Module, dense_block: nn.Module, projection: nn.Linear,
-           stream: torch.Tensor, parts, kwargs: dict, ridge: float, prior: torch.Tensor | None = None,
+def _refit(layer: nn.Module, fit: _Fit, stream: torch.Tensor, parts, kwargs: dict, ridge: float,
            keep: bool = False) -> tuple[_Errors, list[_Seen] | None]:
-    """Refit ``projection`` (the last linear of ``block``) so ``block`` reproduces ``dense_block`` on
-    the inputs the pruned layer feeds it; returns the errors before the refit and, with ``keep``,
-    what each part of the stream saw (for :func:`_advance_by_projection`).
+    """Refit ``fit.projection`` (the last linear of ``fit.block``) so the block reproduces the dense
+    sub-block on the inputs the pruned layer feeds it; returns its errors and, with ``keep``, what
+    each part of the stream saw (for :func:`_advance_by_projection`).
 
-    The ridge pulls toward ``prior`` (zero when None). The dense projection's weight on the kept
-    inputs is the one to use: a layer refitted again at a later step is then pulled toward the same
-    weights, not toward its last refit (which would weaken the ridge step by step)."""
-    collector = LeastSquaresCollector(projection.in_features, projection.out_features)
-    targets = _DenseTargets(block, dense_block)
-    targets.errors = before = _Errors()
+    The prior is the dense weight on the kept inputs: a layer refitted again at a later step is then
+    pulled toward the same weights, not toward its last refit (which would weaken the ridge step by
+    step)."""
+    projection = fit.projection
+    shape = (projection.in_features, projection.out_features, fit.offset)
+    collectors = {fitted: LeastSquaresCollector(*shape) for fitted in {fitted for _, fitted in parts}}
+    targets = _Targets(fit.block, fit.target)
     kept: list[_Seen] | None = [] if keep else None
     try:
         with tap(projection) as seen:
             for part, fitted in parts:
-                targets.fitted = fitted
                 out = run_layer(layer, stream[part], kwargs)
-                if fitted:
-                    collector.add_batch(seen.inputs, _minus_bias(targets.target, projection))
+                collectors[fitted].add_batch(seen.inputs, _minus_bias(targets.value, projection))
                 if kept is not None:
-                    kept.append(_Seen(seen.inputs, seen.outputs, targets.target, out))
+                    kept.append(_Seen(seen.inputs, seen.outputs, out))
     finally:
         targets.remove()
-    projection.weight.copy_(collector.solve(ridge, prior).to(projection.weight.dtype))
-    collector.free()
-    return before, kept
+    before = {fitted: _relative(c, projection.weight) for fitted, c in collectors.items()}
+    projection.weight.copy_(collectors[True].solve(ridge, fit.prior).to(projection.weight.dtype))
+    after = {fitted: _relative(c, projection.weight) for fitted, c in collectors.items()}
+    for collector in collectors.values():
+        collector.free()
+    return _Errors(before[True], after[True], before.get(False), after.get(False)), kept
+
+
+def _relative(collector: LeastSquaresCollector, weight: torch.Tensor) -> float | None:
+    energy = collector.error(None)
+    return collector.error(weight) / energy if energy > 0 else None
 
 
 class _Seen(NamedTuple):
-    """One part of the stream in a refit pass: the projection's input and output, the dense
-    sub-block's output (the target) and the layer's output, all before the refit."""
+    """One part of the stream in a refit pass: the projection's input and output and the layer's
+    output, all before the refit."""
 
     inputs: torch.Tensor
     outputs: torch.Tensor
-    target: torch.Tensor
     layer_output: torch.Tensor
 
 
 @torch.no_grad()
 def _advance_by_projection(projection: nn.Linear, seen: list[_Seen], stream: torch.Tensor,
-                           parts, watch: Watch | None = None) -> _Errors:
+                           parts, watch: Watch | None = None) -> None:
     """Move the stream through a layer whose last refitted projection feeds the residual directly:
     the layer's output changes by exactly the change of that projection's output."""
-    errors = _Errors()
-    for part, fitted in parts:
+    for part, _fitted in parts:
         record = seen.pop(0)  # each part's buffers go as soon as the stream has moved past them
         output = projection(record.inputs)
-        errors.add(fitted, output, record.target)
         moved = record.layer_output + (output - record.outputs)
         if watch is not None:
             watch.add_down(record.inputs, output)
             watch.observe(stream[part], moved)
         stream[part] = moved
         del record, output, moved
-    return errors
 
 
 @torch.no_grad()
-def _advance(layer: nn.Module, block: tuple[nn.Module, nn.Module] | None, stream: torch.Tensor, parts,
-             kwargs: dict, watch: Watch | None = None) -> _Errors | None:
-    """Move the stream through the (refitted) layer, measuring ``block`` (the last refitted one)
-    against its dense counterpart on the way (and the whole layer when ``watch`` is open)."""
-    targets = _DenseTargets(*block) if block is not None else None
-    if targets is not None:
-        targets.errors = _Errors()
-    try:
-        for part, fitted in parts:
-            if targets is not None:
-                targets.fitted = fitted
-            output = run_layer(layer, stream[part], kwargs)
-            if watch is not None:
-                watch.observe(stream[part], output)
-            stream[part] = output
-    finally:
-        if targets is not None:
-            targets.remove()
-    return targets.errors if targets is not None else None
+def _advance(layer: nn.Module, stream: torch.Tensor, parts, kwargs: dict, watch: Watch | None = None) -> None:
+    """Move the stream through the (refitted) layer (measuring the whole layer when ``watch`` is open)."""
+    for part, _fitted in parts:
+        output = run_layer(layer, stream[part], kwargs)
+        if watch is not None:
+            watch.observe(stream[part], output)
+        stream[part] = output
 
 
 def _first(output):
@@ -386,14 +397,12 @@ def _minus_bias(target: torch.Tensor, module: nn.Linear) -> torch.Tensor:
     return target if module.bias is None else target - module.bias
 
 
-def _record(index: int, source: int, modules: list[str], before: dict, after: _Errors | None
-            ) -> LayerRefit:
+def _record(index: int, source: int, modules: list[str], errors: _Errors | None) -> LayerRefit:
     """Per layer, the errors of its last refitted projection (the MLP's when both were refit)."""
-    if not modules:
+    if errors is None:
         return LayerRefit(index=index, source=source, modules=[], fit_error_before=0.0, fit_error_after=0.0)
-    first = before[modules[-1]]
     return LayerRefit(
         index=index, source=source, modules=modules,
-        fit_error_before=first.relative(True), fit_error_after=after.relative(True),
-        heldout_error_before=first.relative(False), heldout_error_after=after.relative(False),
+        fit_error_before=errors.fit_before, fit_error_after=errors.fit_after,
+        heldout_error_before=errors.heldout_before, heldout_error_after=errors.heldout_after,
     )

@@ -151,3 +151,38 @@ def test_moving_the_stream_by_the_projection_change_equals_a_second_pass(monkeyp
         assert a.modules == b.modules
         for name in ("fit_error_before", "fit_error_after", "heldout_error_before", "heldout_error_after"):
             assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_the_removed_channels_alone_give_the_dense_target(family):
+    """With a manifest the MLP refit runs only the removed channels per token (the kept ones are the
+    dense columns, the fit's offset); it lands where the refit toward the whole dense MLP does (a
+    plain list of sources: the prior is the cut projection's weight, the dense one for a layer cut once)."""
+    dense = tiny_model(family)
+    model = copy.deepcopy(dense)
+    manifest = apply_actions(model, [PruneWidth(layer=i, mlp_channels=8 * (i + 1)) for i in range(4)],
+                             dense_manifest(model))
+    whole = copy.deepcopy(model)
+    fast = reconstruct(model, dense, manifest, windows(), heldout=8)
+    slow = reconstruct(whole, dense, range(4), windows(), heldout=8)
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast.layers, slow.layers):
+        for name in ("fit_error_before", "fit_error_after", "heldout_error_before", "heldout_error_after"):
+            assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-4, abs=1e-7)
+
+
+def test_changed_kept_channels_fall_back_to_the_whole_dense_mlp():
+    """After healing the kept gate/up rows are no longer the dense ones: the removed channels alone
+    would miss the change, so the refit runs the whole dense MLP (the same weights, bit for bit, as
+    without a manifest)."""
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    manifest = apply_actions(model, [PruneWidth(layer=1, mlp_channels=24)], dense_manifest(model))
+    with torch.no_grad():
+        adapter_for(model).layers()[1].mlp.up_proj.weight.mul_(1.01)  # as if healed
+    whole = copy.deepcopy(model)
+    reconstruct(model, dense, manifest, windows())
+    reconstruct(whole, dense, range(4), windows())
+    for key, value in whole.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
