@@ -67,8 +67,9 @@ Measure = Callable[[int, nn.Module, bool], Watch]  # (layer index, layer, defer_
 
 
 class LayerRefit(BaseModel):
-    """What reconstruction did to one pruned layer: relative squared error of each refitted
-    projection's output against the dense sub-block's output on the same inputs."""
+    """What reconstruction did to one pruned layer: squared error of its last refitted projection's
+    output against the dense sub-block's output on the same inputs, relative to that target's energy
+    (both less the projection's own bias, e.g. the fluctuation pruner's: the part the fit can change)."""
 
     index: int
     source: int
@@ -116,7 +117,8 @@ def reconstruct(
     toward, ``dense`` (the dense projection's weight on the kept inputs, from the manifest; with a
     plain list of sources, the projection's weight as it is, the same for a layer cut once) or
     ``zero`` (plain ridge regression, this package's refit before 2026-12-06). The last ``heldout``
-    windows are not fitted on, only measured. ``scope``: ``touched`` refits the projections whose
+    windows are not fitted on, only measured (their statistics take a second ``d_in x d_in`` float64
+    matrix a projection). ``scope``: ``touched`` refits the projections whose
     inputs were cut; ``all`` refits both projections of every layer. ``first_changed``: the first
     layer whose weights or inputs differ from when the model was last reconstructed on the same
     ``windows``; layers before it would refit to what they hold, so they are only walked through.
@@ -200,7 +202,9 @@ def _fit_for(module: str, prior: str, kept: dict[str, list[int]] | None, p_adapt
     removed = _removed_channels(block, dense_block, kept[module]) if module == MLP_OUT and kept else None
     if removed is None:
         return _Fit(module, block, dense_block, projection, None, weights)
-    lost_channels = slice_mlp(copy.deepcopy(dense_block), removed)
+    # A copy that shares the dense parameters until slicing replaces them: no whole MLP is copied.
+    shared = {id(parameter): parameter for parameter in dense_block.parameters()}
+    lost_channels = slice_mlp(copy.deepcopy(dense_block, shared), removed)
     return _Fit(module, block, lost_channels, projection, columns, weights)
 
 
@@ -341,16 +345,16 @@ def _refit(layer: nn.Module, fit: _Fit, stream: torch.Tensor, parts, kwargs: dic
                     kept.append(_Seen(seen.inputs, seen.outputs, out))
     finally:
         targets.remove()
-    before = {fitted: _relative(c, projection.weight) for fitted, c in collectors.items()}
+    energy = {fitted: c.error(None) for fitted, c in collectors.items()}
+    before = {fitted: _relative(c, projection.weight, energy[fitted]) for fitted, c in collectors.items()}
     projection.weight.copy_(collectors[True].solve(ridge, fit.prior).to(projection.weight.dtype))
-    after = {fitted: _relative(c, projection.weight) for fitted, c in collectors.items()}
+    after = {fitted: _relative(c, projection.weight, energy[fitted]) for fitted, c in collectors.items()}
     for collector in collectors.values():
         collector.free()
     return _Errors(before[True], after[True], before.get(False), after.get(False)), kept
 
 
-def _relative(collector: LeastSquaresCollector, weight: torch.Tensor) -> float | None:
-    energy = collector.error(None)
+def _relative(collector: LeastSquaresCollector, weight: torch.Tensor, energy: float) -> float | None:
     return collector.error(weight) / energy if energy > 0 else None
 
 

@@ -65,8 +65,10 @@ class LeastSquaresCollector:
 
     def error(self, weight: torch.Tensor | None) -> float:
         """``sum ||x W^T - t||^2`` over the added rows (``weight`` None: the target's own ``sum ||t||^2``)."""
-        delta = torch.zeros_like(self.xty.T) if weight is None else weight.to(self.xty)
-        if self.offset is not None:
+        if weight is None and self.offset is None:
+            return self.yty
+        delta = -self.offset if weight is None else weight.to(self.xty)
+        if weight is not None and self.offset is not None:
             delta = delta - self.offset
         quadratic = float(((delta @ self.xtx) * delta).sum())
         return max(quadratic - 2 * float((delta * self.xty.T).sum()) + self.yty, 0.0)
