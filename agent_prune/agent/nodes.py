@@ -38,10 +38,10 @@ MIN_MLP_KEPT = 1 / 3
 # suggestion shown to planners (LayerRow.mlp_cut) is L2's; the run builds width candidates sized by
 # the others too (RunOptions.alternative_sizings) and keeps the best.
 SIZING_FIELDS = {"l2": "structures_l2", "fluctuation": "structures_fluctuation"}
-# Default step: two layers' worth of prunable parameters. On the shared model at 20% it reached a
-# lower WikiText-2 test perplexity than one layer's worth in half the steps (docs/benchmarks.md,
-# "Step size").
-DEFAULT_STEP_LAYERS = 2
+# Default step: three layers' worth of prunable parameters. On the shared model at 20% two layers'
+# worth tied one layer's in half the steps, and three layers' worth tied two in two steps instead of
+# three, 23% less wall time (docs/benchmarks.md, "Step size", "Three layers a step").
+DEFAULT_STEP_LAYERS = 3
 # What is left to the target after a step, as a share of a step, below which that step takes it too.
 ABSORBED_REMAINDER = 0.5
 

@@ -78,7 +78,7 @@ class RunOptions(BaseModel):
     max_rejections: int = Field(3, ge=1)
     step_fraction: float | None = Field(None, gt=0.0, lt=1.0,
                                         description="step budget as a fraction of base prunable "
-                                                    "parameters; default two layers' worth "
+                                                    "parameters; default three layers' worth "
                                                     "(nodes.DEFAULT_STEP_LAYERS)")
     branches: list[Literal["depth", "width"]] = Field(default_factory=lambda: ["depth", "width"])
     select_by: Literal["perplexity", "kl"] = "perplexity"

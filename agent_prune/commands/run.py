@@ -64,7 +64,7 @@ def add_run_args(parser) -> None:
     parser.add_argument("--max-rejections", type=int,
                         help="consecutive rolled-back steps before stopping (default 3)")
     parser.add_argument("--step-fraction", type=float,
-                        help="step budget as a fraction of prunable params (default: two layers' worth; "
+                        help="step budget as a fraction of prunable params (default: three layers' worth; "
                              "a remainder under half a step joins the last step)")
     parser.add_argument("--branches", help="comma list of depth,width (default both)")
     parser.add_argument("--select-by", choices=("perplexity", "kl"), help="candidate choice signal")

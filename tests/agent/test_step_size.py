@@ -1,6 +1,6 @@
-"""The default step: two layers' worth of prunable parameters, so both candidates of the first step
-remove about two layers' worth (the depth candidate exactly two layers); a remainder under half a
-step joins the step that reaches the target."""
+"""The default step: three layers' worth of prunable parameters, so both candidates of the first step
+remove about three layers' worth (the depth candidate exactly three layers); a remainder under half
+a step joins the step that reaches the target."""
 
 import pytest
 
@@ -10,15 +10,15 @@ from agent_prune.agent.trace import read_trace
 from tests.agent.loop_fixtures import tiny_run_options
 
 
-def test_the_default_step_is_two_layers_worth(tmp_path):
+def test_the_default_step_is_three_layers_worth(tmp_path):
     options = tiny_run_options(tmp_path, step_fraction=None, target_sparsity=0.5, max_iterations=1,
                                final_eval={"windows": 0, "speed": False})
     run_graph(RunContext(options))
     records = read_trace(tmp_path / "run" / "trace.jsonl")
     plan = next(r for r in records if r["event"] == "plan")
-    assert plan["context"]["step_budget_fraction"] == pytest.approx(2 / 6, abs=1e-6)
+    assert plan["context"]["step_budget_fraction"] == pytest.approx(3 / 6, abs=1e-6)
     depth = next(r for r in records if r["event"] == "candidate_built" and r["branch"] == "depth")
-    assert len(depth["actions"][0]["layers"]) == 2
+    assert len(depth["actions"][0]["layers"]) == 3
 
 
 def test_a_small_remainder_joins_the_step_that_reaches_the_target(tmp_path):
