@@ -129,8 +129,9 @@ class CandidateBuilder:
 
         # Every state the loop builds on was reconstructed on the same windows (or is dense), so
         # layers before this step's first change would refit to what they already hold.
-        report = reconstruct(model, self.resources.base.model, manifest, self.resources.calibration,
-                             first_changed=first_changed, measure=measure)  # marks overrides
+        with self.resources.computing():
+            report = reconstruct(model, self.resources.base.model, manifest, self.resources.calibration,
+                                 first_changed=first_changed, measure=measure)  # marks overrides
         return {"method": "reconstruct", "seconds": round(report.seconds, 2),
                 "modules": len(report.overrides)}
 

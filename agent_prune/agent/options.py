@@ -148,6 +148,16 @@ class RunOptions(BaseModel):
                           "`device`. All of `device`'s kind: a candidate's bits must not depend on "
                           "which worker built it")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32", description="what the loop's calibration walks (profile, refit) and its validation "
+                               "windows (perplexity, KL) multiply in, by torch autocast: weights, "
+                               "residual stream, softmaxes, statistics and the FreebaseQA probes stay "
+                               "float32, and the report's evaluation and speed never use it. auto: "
+                               "bfloat16 for float32 weights on a device with bfloat16 units (CPUs with "
+                               "AVX512-BF16 or AMX, CUDA), else float32; resolved when the run starts "
+                               "and saved in run.json. On the shared model's demo bfloat16 took a "
+                               "minute off 14 and raised the peak by about 230 MiB "
+                               "(agent_prune.models.precision; docs/benchmarks.md, \"bfloat16 compute\")")
     export_format: Literal["hf", "gguf"] = "hf"
     export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
     gates: Gates = Field(default_factory=Gates)

@@ -25,12 +25,13 @@ def profile_state(resources: RunResources, model: nn.Module, manifest) -> dict:
         bars[stage] = (advance, done)
 
     options = resources.options
-    result = profile_model(
-        model, resources.calibration, device=options.device, progress=progress,
-        layer_sources=[record.source for record in manifest.layers], dataset="c4",
-        seed=options.seed, model_name=options.model, gradients=options.profile_gradients,
-        hessians=options.profile_hessians,
-    )
+    with resources.computing():
+        result = profile_model(
+            model, resources.calibration, device=options.device, progress=progress,
+            layer_sources=[record.source for record in manifest.layers], dataset="c4",
+            seed=options.seed, model_name=options.model, gradients=options.profile_gradients,
+            hessians=options.profile_hessians,
+        )
     return result.model_dump(mode="json")
 
 

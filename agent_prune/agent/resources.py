@@ -82,6 +82,22 @@ class RunResources:
         return calibration_windows(self.base.tokenizer, docs, self.options.calib_samples,
                                    self.options.calib_seqlen, seed=self.options.seed)
 
+    @cached_property
+    def compute_dtype(self) -> str:
+        """What the loop's forwards multiply in: ``options.compute_dtype``, ``auto`` resolved (a run
+        resolves it before it writes run.json, so this is the saved value)."""
+        from agent_prune.models.precision import resolve_compute_dtype
+
+        o = self.options
+        return resolve_compute_dtype(o.compute_dtype, o.device, o.dtype)
+
+    def computing(self):
+        """The block in which the loop's forwards multiply in :attr:`compute_dtype` (profile, refit
+        walks, scoring; never the report's evaluation)."""
+        from agent_prune.models import precision
+
+        return precision.compute_dtype(self.compute_dtype)
+
     @property
     def hidden_size(self) -> int:
         return self.base.adapter.hidden_size

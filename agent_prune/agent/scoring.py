@@ -42,8 +42,9 @@ class Scoring:
 
     def score(self, model: nn.Module) -> dict:
         """The loop's signals of ``model`` (what the gates and the planner read)."""
-        self.evaluator.progress = self.resources.reporter
-        return self.evaluator.score(model).model_dump(mode="json")
+        with self.resources.computing():  # the dense reference, built on first use, too
+            self.evaluator.progress = self.resources.reporter
+            return self.evaluator.score(model).model_dump(mode="json")
 
     def report_task(self, model: nn.Module, task: str) -> dict:
         """One task of the report's protocol; the seam where the test protocol is run (tests count
@@ -67,7 +68,8 @@ class Scoring:
         from agent_prune.data.tasks import FREEBASEQA_FILE
 
         o = self.resources.options
-        protocol = {"task": "loop signals", "dtype": o.dtype, "device": self.device_kind,
+        protocol = {"task": "loop signals", "dtype": o.dtype, "compute_dtype": self.resources.compute_dtype,
+                    "device": self.device_kind,
                     "seqlen": o.seqlen, "eval_windows": o.eval_windows, "probe_limit": o.probe_limit,
                     "probe_offset": o.final_eval.freebaseqa_limit, "kl_windows": o.kl_windows,
                     "seed": o.seed}
@@ -94,7 +96,8 @@ class Scoring:
         from agent_prune.evaluation.cache import PROFILE_SOURCES
 
         r, o = self.resources, self.resources.options
-        protocol = {"task": "sensitivity profile", "dtype": o.dtype, "device": self.device_kind,
+        protocol = {"task": "sensitivity profile", "dtype": o.dtype, "compute_dtype": r.compute_dtype,
+                    "device": self.device_kind,
                     "offloaded": r.base.offload is not None, "calib_samples": o.calib_samples,
                     "seqlen": o.calib_seqlen, "seed": o.seed, "gradients": o.profile_gradients,
                     "hessians": o.profile_hessians}

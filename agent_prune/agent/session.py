@@ -41,6 +41,11 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
     from agent_prune.agent.planners.spec import make_planner
 
     make_planner(options.planner, **planner_settings(options))  # a bad spec or option fails here
+    # 'auto' is settled before run.json is written: a resume elsewhere multiplies as the run began
+    from agent_prune.models.precision import resolve_compute_dtype
+
+    options = options.model_copy(update={"compute_dtype": resolve_compute_dtype(
+        options.compute_dtype, options.device, options.dtype)})
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / RUN_FILE, {
         "agent_prune_version": __version__,
@@ -67,6 +72,7 @@ def read_run_options(run_dir: str | Path) -> RunOptions:
         # runs started before calib_seqlen existed calibrated on windows of seqlen tokens: a resume
         # keeps their windows (the refit of later steps assumes the earlier steps' windows)
         saved.setdefault("calib_seqlen", saved.get("seqlen", 512))
+        saved.setdefault("compute_dtype", "float32")  # and before compute_dtype, in float32
         return RunOptions.model_validate(saved)
     # JSONDecodeError and ValidationError are ValueErrors; AttributeError: options that are not a table
     except (ValueError, KeyError, TypeError, AttributeError):

@@ -27,8 +27,8 @@ FLAG_FIELDS = (
     "model", "out", "target_sparsity", "planner", "planner_base_url", "planner_timeout",
     "max_iterations", "max_rejections", "step_fraction", "select_by", "recovery", "heal_tokens",
     "heal_seconds", "eval_windows", "probe_limit", "kl_windows", "seqlen", "calib_samples",
-    "calib_seqlen", "seed",
-    "data_dir", "device", "dtype", "profile_gradients", "profile_hessians", "export_format", "export_quant",
+    "calib_seqlen", "seed", "data_dir", "device", "dtype", "compute_dtype", "profile_gradients",
+    "profile_hessians", "export_format", "export_quant",
     "width_multiple", "uniform_width", "workers", "candidate_threads", "device_map",
 )
 GATE_FLAGS = {"max_step_ppl_increase": float, "max_total_ppl_increase": float,
@@ -131,6 +131,11 @@ def add_run_args(parser) -> None:
                              "(default every core); a run's low bits follow it, not --workers: on CPU "
                              "compare --workers 1 and 2 at the same N, e.g. 1 on 2 cores")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"),
+                        help="what the loop's profile, refit walks and validation windows multiply in "
+                             "(torch autocast; weights, statistics, probes and the report stay --dtype). "
+                             "auto: bfloat16 for float32 weights where the CPU (AVX512-BF16, AMX) or GPU "
+                             "has bfloat16 units, else float32. Default float32")
     add_format_args(parser)
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no live progress")

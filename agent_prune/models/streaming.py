@@ -7,7 +7,8 @@ recorder that passes hidden states through unchanged: no layer runs, yet it yiel
 type, position embeddings, position ids). The driver then feeds each layer's outputs to the next
 with :func:`run_layer`, holding activations for the current layer only. Weights can stay on the
 CPU: :func:`on_device` moves one module to the accelerator for as long as it runs. :func:`tap`
-records what one module inside a layer sees.
+records what one module inside a layer sees. Layers multiply in the compute dtype that the caller
+set (:func:`agent_prune.models.precision.compute_dtype`; float32 by default).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from agent_prune.models.adapters import FamilyAdapter
 from agent_prune.models.offload import materialized, slot_of
+from agent_prune.models.precision import autocast_forward
 
 
 @dataclass
@@ -132,8 +134,10 @@ def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder layer's output (transformers 5 returns a tensor; older versions a tuple)."""
-    out = layer(hidden, **kwargs)
+    """One decoder layer's output (transformers 5 returns a tensor; older versions a tuple), multiplied
+    in the run's compute dtype (:mod:`agent_prune.models.precision`)."""
+    with autocast_forward(hidden.device):
+        out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

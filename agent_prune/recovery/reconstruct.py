@@ -35,6 +35,7 @@ from agent_prune.actions.surgery import slice_mlp
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
 from agent_prune.models.offload import materialized
+from agent_prune.models.precision import autocast_forward
 from agent_prune.models.streaming import (
     WALK_BATCH_TOKENS,
     batch_slices,
@@ -374,7 +375,8 @@ def _advance_by_projection(projection: nn.Linear, seen: list[_Seen], stream: tor
     the layer's output changes by exactly the change of that projection's output."""
     for part, _fitted in parts:
         record = seen.pop(0)  # each part's buffers go as soon as the stream has moved past them
-        output = projection(record.inputs)
+        with autocast_forward(record.inputs.device):  # as the layer's own pass multiplied
+            output = projection(record.inputs)
         moved = record.layer_output + (output - record.outputs)
         if watch is not None:
             watch.add_down(record.inputs, output)

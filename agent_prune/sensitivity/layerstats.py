@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from agent_prune.models.adapters import FamilyAdapter
+from agent_prune.models.precision import full_precision
 from agent_prune.sensitivity import metrics
 from agent_prune.sensitivity.collectors import (
     ChannelCollector,
@@ -76,7 +77,7 @@ def attach_collectors(adapter: FamilyAdapter, layer: nn.Module, hessian: bool = 
     }
     collectors = {name: by_module[module] for name, module in adapter.linear_modules(layer).items()}
     handles = [
-        collector.module.register_forward_hook(collector.hook)
+        collector.module.register_forward_hook(full_precision(collector.hook))
         for collector in collectors.values()
         if collector.source is None and (hook_down or collector.module is not mlp["down_proj"])
     ]
