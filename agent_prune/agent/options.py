@@ -151,7 +151,7 @@ class RunOptions(BaseModel):
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "float32", description="what the loop's calibration walks (profile, refit) and its validation "
                                "windows (perplexity, KL) multiply in, by torch autocast: weights, "
-                               "residual stream, softmaxes, statistics and the FreebaseQA probes stay "
+                               "residual stream, statistics and the FreebaseQA probes stay "
                                "float32, and the report's evaluation and speed never use it. auto: "
                                "bfloat16 for float32 weights on a device with bfloat16 units (CPUs with "
                                "AVX512-BF16 or AMX, CUDA), else float32; resolved when the run starts "

@@ -124,7 +124,8 @@ class LoopEvaluator:
         unless set, :mod:`agent_prune.models.precision`); the probes' always in float32: in bfloat16
         their short inputs of every length each left oneDNN a kernel with its own buffers, and the
         README run's scoring peak rose from 1979 to 2925 MiB, for about 5 s a candidate
-        (docs/benchmarks.md, "bfloat16 compute"). The softmaxes take float32 logits."""
+        (docs/benchmarks.md, "bfloat16 compute"). Under autocast the logits are bfloat16; the softmaxes
+        upcast them to float32."""
         started = time.perf_counter()
         windows = self.ppl_windows
         with autocast_forward(model_device(model)):

@@ -3,7 +3,8 @@
 The loop's calibration walks (profile, refit) and its candidate scoring are matrix products of
 float32 weights; on a CPU with AVX512-BF16 (or AMX), or a GPU with bfloat16 units, torch's autocast
 runs them in bfloat16 with float32 accumulation at about twice the speed, while the weights, the
-residual stream, the logits' softmax and every statistic stay float32. The report's before/after
+residual stream and every statistic stay float32 (the logits come out bfloat16; their softmax is
+taken in float32). The report's before/after
 evaluation and speed are never inside: their figures keep the weights' own precision.
 
 The run sets the dtype around its passes with :func:`compute_dtype`; the places that run a module's
@@ -29,7 +30,8 @@ _ACTIVE: ContextVar[torch.dtype | None] = ContextVar("compute_dtype", default=No
 def native_bfloat16(device: str) -> bool:
     """Whether ``device`` multiplies bfloat16 natively (else autocast would emulate it, slower)."""
     if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # bfloat16 units, not the emulation torch also counts (slower than float32 on V100 or T4)
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

@@ -377,7 +377,7 @@ def _advance_by_projection(projection: nn.Linear, seen: list[_Seen], stream: tor
         record = seen.pop(0)  # each part's buffers go as soon as the stream has moved past them
         with autocast_forward(record.inputs.device):  # as the layer's own pass multiplied
             output = projection(record.inputs)
-        moved = record.layer_output + (output - record.outputs)
+        moved = record.layer_output + (output.float() - record.outputs.float())  # float32 as the stream
         if watch is not None:
             watch.add_down(record.inputs, output)
             watch.observe(stream[part], moved)
