@@ -155,8 +155,8 @@ class RunOptions(BaseModel):
                                "float32, and the report's evaluation and speed never use it. auto: "
                                "bfloat16 for float32 weights on a device with bfloat16 units (CPUs with "
                                "AVX512-BF16 or AMX, CUDA), else float32; resolved when the run starts "
-                               "and saved in run.json. On the shared model's demo bfloat16 took a "
-                               "minute off 14 and raised the peak by about 230 MiB "
+                               "and saved in run.json. On the shared model's demo bfloat16 took 20-60 "
+                               "s off 13-14 min and raised the peak by about 220 MiB "
                                "(agent_prune.models.precision; docs/benchmarks.md, \"bfloat16 compute\")")
     export_format: Literal["hf", "gguf"] = "hf"
     export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
