@@ -32,20 +32,18 @@ from agent_prune.models.loading import load_model
 from agent_prune.models.precision import compute_dtype
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
-from bench.width_pruners import mlp_cut
+from bench.width_pruners import cut_arguments, mlp_cut
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data-dir", default="../shared/data")
+    cut_arguments(p, calib=128, calib_seqlen=128)
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), required=True)
-    p.add_argument("--sparsity", type=float, default=0.2)
     args = p.parse_args(argv)
     configure_heap()  # as the CLI does
     loaded = load_model(args.model)
     dense, data = loaded.model, Path(args.data_dir)
-    windows = calibration_windows(loaded.tokenizer, c4_documents(data), 128, 128, seed=0)
+    windows = calibration_windows(loaded.tokenizer, c4_documents(data), args.calib, args.calib_seqlen, seed=0)
     seconds = {}
     with compute_dtype(args.compute_dtype), tempfile.TemporaryDirectory() as spill:
         started = time.perf_counter()

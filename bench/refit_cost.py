@@ -25,16 +25,12 @@ from agent_prune.data.corpora import c4_documents, calibration_windows
 from agent_prune.models.loading import load_model
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
-from bench.width_pruners import mlp_cut
+from bench.width_pruners import cut_arguments, mlp_cut
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--sparsity", type=float, default=0.2)
-    p.add_argument("--calib", type=int, default=128, help="C4 calibration windows")
-    p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per calibration window")
+    cut_arguments(p, calib=128, calib_seqlen=128)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
     loaded = load_model(args.model)

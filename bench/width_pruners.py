@@ -52,13 +52,18 @@ from agent_prune.sensitivity import profile_model
 from bench.compare.methods import channels_per_layer
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cut_arguments(p: argparse.ArgumentParser, calib: int, calib_seqlen: int) -> None:
+    """The arguments of a bench that cuts the model once: model, data, sparsity, calibration windows."""
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--sparsity", type=float, default=0.2)
-    p.add_argument("--calib", type=int, default=32, help="C4 calibration windows")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--calib", type=int, default=calib, help="C4 calibration windows")
+    p.add_argument("--calib-seqlen", type=int, default=calib_seqlen, help="tokens per calibration window")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cut_arguments(p, calib=32, calib_seqlen=512)
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows' draw")
     p.add_argument("--rows", default="l2:even:none,l2:even:refit,l2:global:none,l2:global:refit,"
                                      "amp:global:refit", help="comma list of score:allocation:compensation")
