@@ -186,6 +186,9 @@ def test_run_tasks_reports_every_figure_with_an_error_bar(tmp_path):
     for entry in results.values():
         metrics = [k for k in entry if f"{k}_se" in entry]
         assert metrics and all(entry[f"{m}_se"] >= 0 for m in metrics)
+        assert entry["dtype"] == "float32"
+    halved = run_tasks(model.to(torch.bfloat16), tokenizer, ["wikitext2"], data_dir, seqlen=32, windows=3)
+    assert halved["wikitext2"]["dtype"] == "bfloat16"
 
 
 def test_loop_evaluator_scores_candidates_on_the_same_items(tmp_path):

@@ -1,8 +1,9 @@
 """Run named evaluation tasks on a model and return JSON-ready figures, each with its standard error.
 
 Used by ``agent-prune eval`` and by reports and benchmarks. Every task entry holds its metrics
-(``<metric>`` and ``<metric>_se``), its item count and a ``protocol`` string naming data, split,
-prompt and scoring, so a figure is never separated from how it was made.
+(``<metric>`` and ``<metric>_se``), its item count, the ``dtype`` the model's weights and forwards
+were in, and a ``protocol`` string naming data, split, prompt and scoring, so a figure is never
+separated from how it was made.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def run_tasks(
     paired comparisons between models evaluated on the same items.
     """
     results = {}
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # what the forwards multiplied in
     for task in parse_tasks(tasks):
         if task == "wikitext2":
             results[task] = wikitext2_task(model, tokenizer, data_dir, seqlen=seqlen, windows=windows,
@@ -58,6 +60,7 @@ def run_tasks(
         else:
             results[task] = choice_task(task, model, tokenizer, data_dir, limit=limit,
                                         batch_size=batch_size, progress=progress, per_item=per_item)
+        results[task]["dtype"] = dtype
     return results
 
 

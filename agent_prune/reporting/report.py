@@ -115,6 +115,9 @@ def _protocol(final: dict) -> str:
     if not parts:
         return "_No before/after evaluation was run (--no-final-eval)._"
     text = "Protocol: " + " ".join(f"({i + 1}) {p}." for i, p in enumerate(parts))
+    dtypes = sorted({e["dtype"] for states in evaluation.values() for e in states.values() if "dtype" in e})
+    if dtypes:  # the weights' dtype (--dtype): the report's forwards never autocast
+        text += f" Evaluated in {' and '.join(dtypes)}."
     cached = sorted({e["cache"]["created"] for e in evaluation.get("dense", {}).values() if "cache" in e})
     if cached:  # the dense figures were measured by an earlier run (agent_prune.evaluation.cache)
         text += (f" Dense figures read from the evaluation cache, measured {', '.join(cached)} "

@@ -30,7 +30,8 @@ def test_a_second_run_of_the_same_model_and_protocol_reads_the_dense_figures(tmp
     second = start_run(tiny_run_options(tmp_path, out=str(tmp_path / "run2"), final_eval={"speed": False}))
     assert [task for dense, task in calls if dense] == []  # no dense evaluation the second time
     assert [task for dense, task in calls if not dense] == tasks  # the pruned model still is
-    assert "evaluation cache" in (tmp_path / "run2" / "report.md").read_text()
+    report = (tmp_path / "run2" / "report.md").read_text()
+    assert "evaluation cache" in report and "Evaluated in float32." in report
     dense_scoring = [[r["cached"] for r in read_trace(tmp_path / run / "trace.jsonl")
                       if r.get("phase") == "score dense"] for run in ("run", "run2")]
     assert dense_scoring == [[False], [True]]  # the in-loop dense scores are cached too
