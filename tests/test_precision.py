@@ -109,3 +109,19 @@ def test_bfloat16_scores_track_float32_ones_and_still_see_damage(tmp_path):
     assert fast.window_nll == pytest.approx(exact.window_nll, abs=0.02)
     assert fast.question_margin == pytest.approx(exact.question_margin, abs=0.1)
     assert worse.perplexity.value > fast.perplexity.value
+
+
+def test_the_profile_command_profiles_in_the_compute_dtype_asked_for(tmp_path, capsys):
+    import json
+
+    from agent_prune.cli import main
+    from tests.conftest import save_tiny
+
+    model, data = save_tiny(tmp_path / "model"), write_data_dir(tmp_path / "data")
+    profiles = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["profile", "--model", str(model), "--data-dir", str(data), "--calib-samples", "4",
+                     "--seqlen", "32", "--no-gradients", "--compute-dtype", dtype, "--json", "--quiet"]) == 0
+        profiles[dtype] = [layer["wanda"] for layer in json.loads(capsys.readouterr().out)["layers"]]
+    assert profiles["bfloat16"] != profiles["float32"]  # the passes did multiply in bfloat16
+    assert profiles["bfloat16"] == pytest.approx(profiles["float32"], rel=0.02)

@@ -41,11 +41,7 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
     from agent_prune.agent.planners.spec import make_planner
 
     make_planner(options.planner, **planner_settings(options))  # a bad spec or option fails here
-    # 'auto' is settled before run.json is written: a resume elsewhere multiplies as the run began
-    from agent_prune.models.precision import resolve_compute_dtype
-
-    options = options.model_copy(update={"compute_dtype": resolve_compute_dtype(
-        options.compute_dtype, options.device, options.dtype)})
+    options = settle_compute_dtype(options, (reporter or Reporter()).warn)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / RUN_FILE, {
         "agent_prune_version": __version__,
@@ -53,6 +49,18 @@ def start_run(options: RunOptions, reporter: Reporter | None = None) -> dict:
         "options": options.model_dump(),
     })
     return _drive(RunContext(options, reporter), resume=False)
+
+
+def settle_compute_dtype(options: RunOptions, warn) -> RunOptions:
+    """``options`` with ``auto`` resolved, as run.json keeps it (a resume elsewhere multiplies as the
+    run began); ``warn`` is told when bfloat16 was asked for where the device only emulates it."""
+    from agent_prune.models.precision import native_bfloat16, resolve_compute_dtype
+
+    settled = resolve_compute_dtype(options.compute_dtype, options.device, options.dtype)
+    if settled == "bfloat16" and not native_bfloat16(options.device):
+        warn(f"--compute-dtype bfloat16 on {options.device}, which has no bfloat16 units (AVX512-BF16 or "
+             "AMX on CPU): torch emulates it, slower than float32; use --compute-dtype auto or float32")
+    return options.model_copy(update={"compute_dtype": settled})
 
 
 def resume_run(run_dir: str, reporter: Reporter | None = None) -> dict:

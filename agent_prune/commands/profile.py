@@ -48,6 +48,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-gradients", action="store_true", help="skip gradient and Taylor metrics")
     parser.add_argument("--hessians", action="store_true",
                         help="add structured OBS scores (input Gram matrices of o_proj/down_proj)")
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="float32",
+                        help="what the layers' passes multiply in (torch autocast; weights and statistics "
+                             "stay --dtype), as 'agent-prune run --compute-dtype'. auto: bfloat16 for "
+                             "float32 weights where the CPU (AVX512-BF16, AMX) or GPU has bfloat16 units. "
+                             "Default float32")
     parser.add_argument("--out", default=None, help="write the profile JSON here (atomic)")
     add_output_args(parser)
     parser.set_defaults(handler=run)
@@ -57,6 +62,7 @@ def run(args) -> int:
     from agent_prune.data.corpora import c4_documents, calibration_windows
     from agent_prune.data.sources import resolve_data_dir
     from agent_prune.models.loading import load_model, resolve_device
+    from agent_prune.models.precision import compute_dtype, resolve_compute_dtype
     from agent_prune.sensitivity import profile_model
 
     _check_args(args)
@@ -67,7 +73,8 @@ def run(args) -> int:
     with _status(args, "sampling calibration windows"):
         windows = calibration_windows(loaded.tokenizer, c4_documents(data_dir),
                                       args.calib_samples, args.seqlen, args.seed)
-    with _progress(args) as report:
+    dtype = resolve_compute_dtype(args.compute_dtype, args.device, args.dtype)
+    with _progress(args) as report, compute_dtype(dtype):
         profile = profile_model(
             loaded.model, windows, device=args.device, gradients=not args.no_gradients,
             hessians=args.hessians,

@@ -30,3 +30,20 @@ def test_a_run_from_before_compute_dtype_resumes_in_float32(tmp_path):
     (tmp_path / "old").mkdir()
     atomic_write_json(tmp_path / "old" / RUN_FILE, {"options": options})
     assert read_run_options(tmp_path / "old").compute_dtype == "float32"
+
+
+def test_bfloat16_where_it_is_emulated_is_kept_with_a_warning(tmp_path, monkeypatch):
+    from agent_prune.agent import session
+    from agent_prune.models import precision
+
+    warnings = []
+    options = tiny_run_options(tmp_path, compute_dtype="bfloat16")
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: True)
+    assert session.settle_compute_dtype(options, warnings.append).compute_dtype == "bfloat16"
+    assert warnings == []
+    monkeypatch.setattr(precision, "native_bfloat16", lambda device: False)
+    assert session.settle_compute_dtype(options, warnings.append).compute_dtype == "bfloat16"
+    assert len(warnings) == 1 and "emulates it" in warnings[0] and "--compute-dtype auto" in warnings[0]
+    auto = tiny_run_options(tmp_path, compute_dtype="auto")
+    assert session.settle_compute_dtype(auto, warnings.append).compute_dtype == "float32"
+    assert len(warnings) == 1  # auto never picks an emulated bfloat16
