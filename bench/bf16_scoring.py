@@ -1,9 +1,10 @@
-"""Scoring in bfloat16 weights on CPU: fast for the dense model, not for pruned ones (oneDNN's kernels).
+"""Scoring on a bfloat16 copy on CPU: its speed, and the memory oneDNN's per-shape kernels keep.
 
 Scores the dense model, then ``--cuts`` MLP cuts of random per-layer widths (seeded; 10%, 13%,
 16%, ... of the prunable parameters) with the loop's evaluator (the run's defaults: 8 WikiText-2
 validation windows of 512, 120 FreebaseQA probes; no KL), each model either as it is (float32) or
-as a bfloat16 copy (``--dtype bfloat16``). Prints one JSON line per model: seconds, validation
+as a bfloat16 copy (``--dtype bfloat16``) with its MLP widths padded to shared shapes as a run
+scores (``--shared-width``; 0 for none). Prints one JSON line per model: seconds, validation
 perplexity, and the process's resident set with the model, at the end of its scoring and after the
 model is dropped and the heap trimmed (what stays behind). Run each dtype in a fresh process on an
 idle machine:
@@ -15,7 +16,7 @@ idle machine:
 
 Why: bfloat16 matrix products go through oneDNN, which builds (JIT) and caches a kernel, with its
 buffers, for every shape it meets. The dense model's layers share a handful of shapes; a pruned
-model's layers each have their own width, and the probes' inputs a length of their own.
+model's layers each have their own width unless padded (``precision.pad_mlp_widths``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from agent_prune.evaluation.loop import LoopEvaluator
 from agent_prune.heap import configure_heap, release_memory
 from agent_prune.models.adapters import adapter_for
 from agent_prune.models.loading import load_model
+from agent_prune.models.precision import SHARED_WIDTH, cast_parameters, pad_mlp_widths
 from bench.width_pruners import mlp_cut
 
 
@@ -43,12 +45,12 @@ def rss_mib() -> int:
         return int(fh.read().split()[1]) * 4096 >> 20
 
 
-def random_cut(dense, sparsity: float, seed: int):
+def random_cut(dense, sparsity: float, seed: int, allocation: str):
     generator = torch.Generator().manual_seed(seed)
     adapter = adapter_for(dense)
     width = adapter.mlp_projections(adapter.layers()[0])["down_proj"].in_features
     scores = [{"mlp_channels": torch.rand(width, generator=generator).tolist()} for _ in adapter.layers()]
-    return mlp_cut(dense, sparsity, scores, scores, "global")[0]
+    return mlp_cut(dense, sparsity, scores, scores, allocation)[0]
 
 
 def main(argv=None) -> int:
@@ -57,6 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), required=True)
     p.add_argument("--cuts", type=int, default=3)
+    p.add_argument("--shared-width", type=int, default=SHARED_WIDTH,
+                   help="pad each layer's MLP width in the bfloat16 copy to a multiple of this, as a run "
+                        f"scores (default {SHARED_WIDTH}; 0: no padding)")
+    p.add_argument("--allocation", choices=("global", "even"), default="global",
+                   help="global: each layer its own width (as the loop cuts); even: every layer one width")
     args = p.parse_args(argv)
     configure_heap()  # as the CLI does
     loaded = load_model(args.model)
@@ -69,10 +76,13 @@ def main(argv=None) -> int:
     for index in range(args.cuts + 1):
         name = "dense" if index == 0 else f"cut {0.1 + 0.03 * (index - 1):.2f}"
         if index:
-            model = random_cut(dense, 0.1 + 0.03 * (index - 1), seed=index)
+            model = random_cut(dense, 0.1 + 0.03 * (index - 1), seed=index, allocation=args.allocation)
         else:
             model = dense if dtype == torch.float32 else copy.deepcopy(dense)
-        model = model.to(dtype)  # in place: the cut and the copy are this loop's own
+        if dtype != torch.float32:  # in place: the cut and the copy are this loop's own
+            cast_parameters(model, dtype)
+            if args.shared_width:
+                pad_mlp_widths(model, args.shared_width)
         release_memory()
         with_model = rss_mib()
         started = time.perf_counter()

@@ -4,8 +4,9 @@ At the given compute dtype, as a run does: profile the model on the calibration 
 ``--sparsity`` of its prunable parameters as MLP channels (``bench/width_pruners.py``'s ``l2`` ·
 global cut), refit the cut (``recovery.reconstruct``), and score the cut model with the loop's
 evaluator (the run's defaults: 8 WikiText-2 validation windows of 512, 120 FreebaseQA probes, 4 KL
-windows). Prints one JSON line: each pass's seconds, the refit's mean fit error, the loop's signals
-and the process's peak RSS. Run each dtype in a fresh process on an idle machine:
+windows) as a run scores (``precision.evaluated_in``: a bfloat16 copy at bfloat16). Prints one
+JSON line: each pass's seconds, the refit's mean fit error, the loop's signals and the process's
+peak RSS. Run each dtype in a fresh process on an idle machine:
 
     python bench/compute_dtype.py \\
         --model ../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -29,7 +30,7 @@ from agent_prune.data.corpora import c4_documents, calibration_windows
 from agent_prune.evaluation.loop import LoopEvaluator
 from agent_prune.heap import configure_heap
 from agent_prune.models.loading import load_model
-from agent_prune.models.precision import compute_dtype
+from agent_prune.models.precision import compute_dtype, evaluated_in
 from agent_prune.recovery.reconstruct import reconstruct
 from agent_prune.sensitivity import profile_model
 from bench.width_pruners import cut_arguments, mlp_cut
@@ -53,10 +54,12 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         report = reconstruct(model, dense, manifest, windows)
         seconds["refit"] = time.perf_counter() - started
-        evaluator = LoopEvaluator(loaded.tokenizer, data, reference_model=dense, probe_questions=120,
-                                  ppl_windows=8, spill_dir=Path(spill))
+        with evaluated_in(dense) as reference:  # as a run scores: a bfloat16 copy at bfloat16
+            evaluator = LoopEvaluator(loaded.tokenizer, data, reference_model=reference, probe_questions=120,
+                                      ppl_windows=8, spill_dir=Path(spill))
         started = time.perf_counter()
-        record = evaluator.score(model)
+        with evaluated_in(model, owned=True) as scored:
+            record = evaluator.score(scored)
         seconds["score"] = time.perf_counter() - started
     cut = [layer for layer in report.layers if layer.modules]
     print(json.dumps({

@@ -24,6 +24,7 @@ from agent_prune.models.offload import (
     state_items,
 )
 from agent_prune.models.offload_homes import LayerStore
+from agent_prune.models.precision import compute_dtype, evaluated_in
 from agent_prune.recovery import reconstruct
 from agent_prune.recovery.bias import compensate_biases
 from agent_prune.sensitivity import profile_model
@@ -168,3 +169,14 @@ def test_streamed_safetensors_equal_save_file(tmp_path):
     assert (tmp_path / "ref.safetensors").read_bytes() == (tmp_path / "mine.safetensors").read_bytes()
     with pytest.raises(ValueError, match="never written"):
         write_streamed(tmp_path / "part.safetensors", entries, None, list(tensors.items())[:2])
+
+
+def test_a_bfloat16_scoring_leaves_an_offloaded_copy_and_its_base_as_they_are(tmp_path):
+    """An offloaded copy shares the base model's embeddings and head: scoring it in bfloat16 must
+    not cast them in place (it is scored as stored)."""
+    _, model = loaded_pair(tmp_path, "llama")
+    replay = copy.deepcopy(model, shared_memo(model))
+    assert replay.model.embed_tokens.weight is model.model.embed_tokens.weight
+    with compute_dtype("bfloat16"), evaluated_in(replay, owned=True) as scored:
+        assert scored is replay
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -12,8 +12,10 @@ from agent_prune.models.adapters import adapter_for
 from agent_prune.models.precision import (
     autocast_forward,
     compute_dtype,
+    evaluated_in,
     full_precision,
     native_bfloat16,
+    pad_mlp_widths,
     resolve_compute_dtype,
 )
 from agent_prune.models.streaming import run_layer
@@ -94,18 +96,52 @@ def test_a_bfloat16_refit_fits_as_well_as_a_float32_one():
         assert b.fit_error_after == pytest.approx(a.fit_error_after, rel=0.05, abs=1e-4)
 
 
+def test_evaluated_in_casts_a_copy_or_an_owned_model_and_keeps_buffers_and_ties():
+    model = tiny_model("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's are
+    frequencies = model.model.rotary_emb.inv_freq.clone()
+    with evaluated_in(model) as same:
+        assert same is model  # no compute dtype set: float32, no copy
+    with compute_dtype("bfloat16"):
+        with evaluated_in(model) as copied:
+            assert copied is not model and {p.dtype for p in copied.parameters()} == {torch.bfloat16}
+            assert copied.lm_head.weight is copied.model.embed_tokens.weight
+            assert torch.equal(copied.model.rotary_emb.inv_freq, frequencies)  # buffers keep float32
+        assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original is untouched
+        with evaluated_in(model, owned=True) as cast:
+            assert cast is model and model.lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_padded_mlp_widths_share_shapes_and_change_no_output(family):
+    model = cut_mlp(tiny_model(family), 40)  # 40 channels kept in every layer
+    adapter = adapter_for(model)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        pad_mlp_widths(model, multiple=64)
+        after = model(input_ids=ids).logits
+    for layer in adapter.layers():
+        projections = adapter.mlp_projections(layer)
+        assert projections["down_proj"].in_features == 64 == projections["gate_proj"].out_features
+        assert projections["up_proj"].weight[40:].abs().sum() == 0
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-5)
+
+
 def test_bfloat16_scores_track_float32_ones_and_still_see_damage(tmp_path):
     data_dir = write_data_dir(tmp_path)
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     evaluator = LoopEvaluator(tokenizer, data_dir, seqlen=32, ppl_windows=4, probe_questions=12,
                               probe_offset=20, kl_windows=0, batch_size=4)
     exact = evaluator.score(model)
+    damaged = copy.deepcopy(model)
+    adapter_for(damaged).keep_layers([0])
     with compute_dtype("bfloat16"):
-        fast = evaluator.score(model)
-        damaged = copy.deepcopy(model)
-        adapter_for(damaged).keep_layers([0])
-        worse = evaluator.score(damaged)
-    assert fast.window_nll != exact.window_nll
+        with evaluated_in(model) as evaluated:
+            fast = evaluator.score(evaluated)
+        with evaluated_in(damaged, owned=True) as evaluated:
+            worse = evaluator.score(evaluated)
+    assert fast.window_nll != exact.window_nll  # the forwards did run in bfloat16
     assert fast.window_nll == pytest.approx(exact.window_nll, abs=0.02)
     assert fast.question_margin == pytest.approx(exact.question_margin, abs=0.1)
     assert worse.perplexity.value > fast.perplexity.value

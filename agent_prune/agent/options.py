@@ -149,15 +149,17 @@ class RunOptions(BaseModel):
                           "which worker built it")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "float32", description="what the loop's calibration walks (profile, refit) and its validation "
-                               "windows (perplexity, KL) multiply in, by torch autocast: weights, "
-                               "residual stream, statistics and the FreebaseQA probes stay "
-                               "float32, and the report's evaluation and speed never use it. auto: "
-                               "bfloat16 for float32 weights on a device with bfloat16 units (CPUs with "
-                               "AVX512-BF16 or AMX, CUDA), else float32; resolved when the run starts "
-                               "and saved in run.json. On the shared model's demo bfloat16 took 20-60 "
-                               "s off 13-14 min and raised the peak by about 220 MiB "
-                               "(agent_prune.models.precision; docs/benchmarks.md, \"bfloat16 compute\")")
+        "float32", description="what the loop's forwards multiply in: its calibration walks (profile, "
+                               "refit) under torch autocast, weights, residual stream and statistics "
+                               "staying float32; its candidate scoring (validation windows, FreebaseQA "
+                               "probes, KL) on a bfloat16 copy of each model, MLP widths padded with "
+                               "zero channels to shared shapes. The report's evaluation, speed and "
+                               "export never use it. auto: bfloat16 for float32 weights on a device with "
+                               "bfloat16 units (CPUs with AVX512-BF16 or AMX, CUDA), else float32; "
+                               "resolved when the run starts and saved in run.json. The shared model's "
+                               "demo on 2 cores: the same decisions in 11 min 17 s against 13-14 min, "
+                               "at a 2360 MiB peak against 1980 (agent_prune.models.precision; "
+                               "docs/benchmarks.md, \"bfloat16 compute\")")
     export_format: Literal["hf", "gguf"] = "hf"
     export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
     gates: Gates = Field(default_factory=Gates)

@@ -5,12 +5,14 @@ instead of measuring again."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import cached_property, partial
 
 from torch import nn
 
 from agent_prune.agent.resources import RunResources
+from agent_prune.models.precision import evaluated_in
 
 REPORT_BATCH = 4  # sequences per forward in the report's evaluation (part of its cache key)
 # WikiText-2 windows go one at a time: a batch of 4 held [4, 512, 49152] logits, 300 MiB more at the
@@ -32,23 +34,28 @@ class Scoring:
         from agent_prune.evaluation.loop import LoopEvaluator
 
         r, o = self.resources, self.resources.options
-        return LoopEvaluator(
-            r.base.tokenizer, r.data_dir, seqlen=o.seqlen,
-            ppl_windows=o.eval_windows, probe_questions=o.probe_limit,
-            probe_offset=o.final_eval.freebaseqa_limit, kl_windows=o.kl_windows,
-            reference_model=r.base.model if o.kl_windows else None,
-            seed=o.seed, spill_dir=r.run_dir,  # the KL reference: 200 MB off the run's resident set
-        )
+        reference = evaluated_in(r.base.model) if o.kl_windows else contextlib.nullcontext()
+        with r.computing(), reference as reference:  # in the candidates' dtype
+            return LoopEvaluator(
+                r.base.tokenizer, r.data_dir, seqlen=o.seqlen,
+                ppl_windows=o.eval_windows, probe_questions=o.probe_limit,
+                probe_offset=o.final_eval.freebaseqa_limit, kl_windows=o.kl_windows,
+                reference_model=reference,
+                seed=o.seed, spill_dir=r.run_dir,  # the KL reference: 200 MB off the run's resident set
+            )
 
-    def score(self, model: nn.Module) -> dict:
-        """The loop's signals of ``model`` (what the gates and the planner read)."""
-        with self.resources.computing():  # the dense reference, built on first use, too
-            self.evaluator.progress = self.resources.reporter
-            return self.evaluator.score(model).model_dump(mode="json")
+    def score(self, model: nn.Module, owned: bool = False) -> dict:
+        """The loop's signals of ``model`` (what the gates and the planner read), measured in the
+        run's compute dtype; ``owned``: the caller gives ``model`` up, so it may be cast in place."""
+        evaluator = self.evaluator
+        evaluator.progress = self.resources.reporter
+        with self.resources.computing(), evaluated_in(model, owned=owned) as evaluated:
+            return evaluator.score(evaluated).model_dump(mode="json")
 
     def report_task(self, model: nn.Module, task: str) -> dict:
-        """One task of the report's protocol; the seam where the test protocol is run (tests count
-        its calls to show that the dense model is evaluated once per protocol)."""
+        """One task of the report's protocol, in the weights' dtype whatever the compute dtype (its
+        figures stay comparable with other tools' and runs'); the seam where the test protocol is
+        run (tests count its calls to show that the dense model is evaluated once per protocol)."""
         from agent_prune.evaluation.harness import run_tasks
 
         r, spec = self.resources, self.resources.options.final_eval
@@ -70,6 +77,8 @@ class Scoring:
         o = self.resources.options
         protocol = {"task": "loop signals", "dtype": o.dtype, "compute_dtype": self.resources.compute_dtype,
                     "device": self.device_kind,
+                    # offloaded layers are scored as stored, whole models on a compute-dtype copy
+                    "offloaded": self.resources.base.offload is not None,
                     "seqlen": o.seqlen, "eval_windows": o.eval_windows, "probe_limit": o.probe_limit,
                     "probe_offset": o.final_eval.freebaseqa_limit, "kl_windows": o.kl_windows,
                     "seed": o.seed}

@@ -50,7 +50,7 @@ class Steps:
         path = Path(state_dir) / "signals.json"
         if not path.is_file():
             model, _ = self.states.replay(state_dir)
-            atomic_write_json(path, self.scoring.score(model))
+            atomic_write_json(path, self.scoring.score(model, owned=True))
             del model
             release_memory()  # before the next candidate's replay
         return path

@@ -132,10 +132,11 @@ def add_run_args(parser) -> None:
                              "compare --workers 1 and 2 at the same N, e.g. 1 on 2 cores")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"),
-                        help="what the loop's profile, refit walks and validation windows multiply in "
-                             "(torch autocast; weights, statistics, probes and the report stay --dtype). "
-                             "auto: bfloat16 for float32 weights where the CPU (AVX512-BF16, AMX) or GPU "
-                             "has bfloat16 units, else float32. Default float32")
+                        help="what the loop multiplies in: profile and refit walks under torch autocast "
+                             "(weights and statistics stay --dtype), candidate scoring on a bfloat16 copy; "
+                             "the report and export stay --dtype. auto: bfloat16 for float32 weights where "
+                             "the CPU (AVX512-BF16, AMX) or GPU has bfloat16 units, else float32. Default "
+                             "float32")
     add_format_args(parser)
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no live progress")

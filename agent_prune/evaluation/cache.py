@@ -39,7 +39,7 @@ from agent_prune.io import atomic_write_json
 
 EVAL_CACHE_ENV = "AGENT_PRUNE_EVAL_CACHE"
 PACKAGE = Path(__file__).resolve().parents[1]
-CODE_SOURCES = ("evaluation", "data", "models/loading.py", "models/precision.py")
+CODE_SOURCES = ("evaluation", "data", "models/loading.py", "models/precision.py", "agent/scoring.py")
 PROFILE_SOURCES = ("sensitivity", "data", "models")
 LIBRARIES = ("torch", "transformers", "gguf")
 

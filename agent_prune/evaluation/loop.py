@@ -34,7 +34,6 @@ from agent_prune.evaluation import knowledge
 from agent_prune.evaluation.divergence import SpilledLogProbs, reference_log_probs, window_kl
 from agent_prune.evaluation.perplexity import window_nlls
 from agent_prune.evaluation.progress import NO_PROGRESS, Progress
-from agent_prune.evaluation.scoring import model_device
 from agent_prune.evaluation.stats import (
     Comparison,
     Estimate,
@@ -44,7 +43,6 @@ from agent_prune.evaluation.stats import (
     mean_estimate,
     perplexity_estimate,
 )
-from agent_prune.models.precision import autocast_forward
 
 Metric = Literal["perplexity", "mc_accuracy", "mc_margin", "kl"]
 # metric -> (per-item vector field, higher is better)
@@ -104,10 +102,9 @@ class LoopEvaluator:
         if reference_model is not None and kl_windows > 0:
             held_aside = c4_documents(data_dir)[-KL_HELD_ASIDE_DOCUMENTS:]
             self.kl_windows = calibration_windows(tokenizer, held_aside, kl_windows, seqlen, seed)
-            with autocast_forward(model_device(reference_model)):  # as the candidates are scored
-                self.kl_reference = reference_log_probs(
-                    reference_model, self.kl_windows, batch_size=self._window_batch,
-                    advance=progress.task("reference log-probs", kl_windows), spill_dir=spill_dir)
+            self.kl_reference = reference_log_probs(
+                reference_model, self.kl_windows, batch_size=self._window_batch,
+                advance=progress.task("reference log-probs", kl_windows), spill_dir=spill_dir)
         key = (f"{seqlen}:{self.ppl_windows.shape[0]}:{probe_offset}:{len(self.probe_items)}:"
                f"{seed}:{kl_windows if self.kl_windows is not None else 0}")
         self.items_key = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -120,26 +117,21 @@ class LoopEvaluator:
         return 1
 
     def score(self, model) -> SignalRecord:
-        """``model``'s signals. The windows' forwards multiply in the caller's compute dtype (float32
-        unless set, :mod:`agent_prune.models.precision`); the probes' always in float32: in bfloat16
-        their short inputs of every length each left oneDNN a kernel with its own buffers, and the
-        README run's scoring peak rose from 1979 to 2925 MiB, for about 5 s a candidate
-        (docs/benchmarks.md, "bfloat16 compute"). Under autocast the logits are bfloat16; the softmaxes
-        upcast them to float32."""
+        """``model``'s signals, in its own dtype (the run hands over a bfloat16 copy for a bfloat16
+        compute dtype, :func:`agent_prune.models.precision.evaluated_in`; the KL reference should
+        be in the same dtype). The softmaxes upcast the logits to float32."""
         started = time.perf_counter()
         windows = self.ppl_windows
-        with autocast_forward(model_device(model)):
-            nll = window_nlls(model, windows, batch_size=self._window_batch,
-                              advance=self.progress.task("perplexity (validation)", windows.shape[0]))
+        nll = window_nlls(model, windows, batch_size=self._window_batch,
+                          advance=self.progress.task("perplexity (validation)", windows.shape[0]))
         scores = knowledge.choice_scores(
             model, self.tokenizer, self.probe_items, (), requests=self.probe_requests,
             batch_size=self.batch_size,
             advance=self.progress.task("FreebaseQA choices", len(self.probe_items)))
         kl = None
         if self.kl_windows is not None:
-            with autocast_forward(model_device(model)):
-                kl = window_kl(model, self.kl_windows, self.kl_reference, batch_size=self._window_batch,
-                               advance=self.progress.task("KL to reference", self.kl_windows.shape[0]))
+            kl = window_kl(model, self.kl_windows, self.kl_reference, batch_size=self._window_batch,
+                           advance=self.progress.task("KL to reference", self.kl_windows.shape[0]))
         return SignalRecord(
             perplexity=perplexity_estimate(nll), mc_accuracy=mean_estimate(scores.correct),
             mc_margin=mean_estimate(scores.margin), kl=mean_estimate(kl) if kl is not None else None,

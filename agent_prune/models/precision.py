@@ -1,26 +1,36 @@
 """The dtype a run's forward passes multiply in (``--compute-dtype``), apart from the weights' dtype.
 
 The loop's calibration walks (profile, refit) and its candidate scoring are matrix products of
-float32 weights; on a CPU with AVX512-BF16 (or AMX), or a GPU with bfloat16 units, torch's autocast
-runs them in bfloat16 with float32 accumulation at about twice the speed, while the weights, the
-residual stream and every statistic stay float32 (the logits come out bfloat16; their softmax is
-taken in float32). The report's before/after
-evaluation and speed are never inside: their figures keep the weights' own precision.
+float32 weights; on a CPU with AVX512-BF16 (or AMX), or a GPU with bfloat16 units, bfloat16 runs
+them faster. Two ways, by what the pass needs:
 
-The run sets the dtype around its passes with :func:`compute_dtype`; the places that run a module's
-forward (the layer-streaming engine, the scoring functions' callers) enter :func:`autocast_forward`;
-statistics computed inside a forward (collector hooks) are wrapped in :func:`full_precision`, so
-their products stay float32 whatever the forward multiplies in.
+- Calibration walks fit and measure float32 weights, so they run under torch's autocast
+  (:func:`autocast_forward`): bfloat16 products with float32 accumulation while the weights, the
+  residual stream and every statistic stay float32; statistics computed inside a forward (collector
+  hooks) are wrapped in :func:`full_precision`, so their products stay float32.
+- Scoring only reads a model, so it runs a bfloat16 copy (:func:`evaluated_in`): the whole forward
+  in bfloat16 with no per-call weight casts, about twice as fast as float32 on the shared model. Its
+  MLP widths are padded to shared shapes (:func:`pad_mlp_widths`): oneDNN keeps a kernel per shape.
+  The softmaxes upcast the logits to float32; rotary and other buffers keep their float32 values.
+
+The report's before/after evaluation and speed never use it: their figures are of the weights as
+exported. The run sets the dtype around its passes with :func:`compute_dtype`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agent_prune.models.adapters import adapter_for
+from agent_prune.models.offload import is_offloaded
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -75,3 +85,69 @@ def full_precision(function: Callable) -> Callable:
                     stack.enter_context(torch.autocast(kind, enabled=False))
             return function(*args, **kwargs)
     return wrapper
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` with its floating-point parameters cast to ``dtype`` in place (buffers keep theirs:
+    rotary frequencies rounded to bfloat16 would shift every position's angle)."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model
+
+
+# oneDNN builds and keeps a bfloat16 kernel, with its buffers, for each matrix shape it multiplies; a
+# pruned model's layers each have an MLP width of their own, and one candidate of the shared model left
+# 630 MiB of kernels behind (about 20 MiB a width; bench/bf16_scoring.py). Padded with zero channels to
+# a multiple of this, widths share kernels across layers and candidates.
+SHARED_WIDTH = 256
+
+
+def pad_mlp_widths(model: nn.Module, multiple: int = SHARED_WIDTH) -> nn.Module:
+    """``model`` with each layer's MLP widened in place, by zero channels, to a multiple of ``multiple``:
+    a zero column of ``down_proj`` adds nothing, whatever its channel's activation (same function)."""
+    adapter = adapter_for(model)
+    for layer in adapter.layers():
+        projections = adapter.mlp_projections(layer)
+        extra = -projections["down_proj"].in_features % multiple
+        if extra:
+            for name in ("gate_proj", "up_proj"):
+                _pad_linear(projections[name], rows=extra)
+            _pad_linear(projections["down_proj"], columns=extra)
+    return model
+
+
+def _pad_linear(linear: nn.Linear, rows: int = 0, columns: int = 0) -> None:
+    """Zero output features (and bias entries) ``rows`` and zero input features ``columns`` appended."""
+    weight = F.pad(linear.weight.detach(), (0, columns, 0, rows))
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None and rows:
+        linear.bias = nn.Parameter(F.pad(linear.bias.detach(), (0, rows)), requires_grad=False)
+    linear.out_features, linear.in_features = weight.shape
+
+
+def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with its floating-point parameters in ``dtype``, made without a full-precision
+    copy first; tied parameters stay tied."""
+    memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def evaluated_in(model: nn.Module, *, owned: bool = False) -> Iterator[nn.Module]:
+    """``model`` with its weights in the active compute dtype and, on CPU, its MLP widths padded to
+    shared shapes (:func:`pad_mlp_widths`), for a pass that only reads it: made so in place when the
+    caller ``owned`` it and gives it up (a candidate's throwaway replay), else a copy for the block.
+    At float32, or for a model whose layers are offloaded (their weights are read from their homes
+    as stored), ``model`` itself."""
+    dtype = _ACTIVE.get()
+    weights = next(model.parameters()).dtype
+    # An offloaded replay shares the base model's embeddings and head (offload.shared_memo): cast in
+    # place, they would turn the base model to bfloat16 for every later build and the export.
+    if dtype is None or weights != torch.float32 or is_offloaded(model):
+        yield model
+    else:
+        cast = cast_parameters(model, dtype) if owned else cast_copy(model, dtype)
+        # the kernels kept per shape are oneDNN's (CPU); CUDA's bfloat16 products need no padding
+        yield pad_mlp_widths(cast) if next(cast.parameters()).device.type == "cpu" else cast

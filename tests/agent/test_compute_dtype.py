@@ -1,6 +1,14 @@
 """A run's compute dtype: settled before run.json is written, part of the dense figures' cache key,
-and float32 for runs that began before it existed."""
+what its candidates are scored in (never what it exports), and float32 for runs that began before
+it existed."""
 
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from agent_prune.agent.runtime import RunContext
 from agent_prune.agent.session import RUN_FILE, read_run_options, start_run
 from agent_prune.io import atomic_write_json, read_json
 from agent_prune.models.precision import resolve_compute_dtype
@@ -22,6 +30,28 @@ def test_auto_is_saved_resolved_and_each_compute_dtype_has_its_own_dense_figures
         assert summary["accepted_steps"] >= 1, summary
         assert dense_profile_cached(tmp_path / name) == expected  # measured once per compute dtype
     assert read_run_options(tmp_path / "run3").compute_dtype == other
+    # the dense model was scored in each run's own dtype (bfloat16: on a bfloat16 copy) ...
+    signals = [read_json(tmp_path / run / "checkpoints" / "step-0000" / "signals.json")["window_nll"]
+               for run in ("run", "run2")]
+    assert signals[0] != signals[1] and signals[0] == pytest.approx(signals[1], abs=0.02)
+    # ... and so is a candidate, from its replay (which the scoring may cast in place) ...
+    candidate = next((tmp_path / "run2" / "candidates").glob("iter-*/*/signals.json")).parent
+    rescored = {}
+    for dtype in ("float32", "bfloat16"):
+        copied = tmp_path / f"rescored-{dtype}"
+        shutil.copytree(candidate, copied)
+        (copied / "signals.json").unlink()
+        context = RunContext(read_run_options(tmp_path / "run2").model_copy(update={"compute_dtype": dtype}))
+        rescored[dtype] = read_json(context.steps.score_state(copied))["window_nll"]
+        assert {p.dtype for p in context.base.model.parameters()} == {torch.float32}  # the base stays
+    assert rescored["bfloat16"] != rescored["float32"]
+    assert rescored["bfloat16"] == pytest.approx(rescored["float32"], abs=0.02)
+    assert read_json(candidate / "signals.json")["window_nll"] == rescored[other]  # as the run scored it
+    # ... while the exported weights are float32 in both
+    for run in ("run", "run2"):
+        with safe_open(str(tmp_path / run / "model" / "model.safetensors"), "pt") as exported:
+            names = exported.keys()  # a safe_open handle is not iterable
+            assert {exported.get_tensor(name).dtype for name in names} == {torch.float32}
 
 
 def test_a_run_from_before_compute_dtype_resumes_in_float32(tmp_path):
