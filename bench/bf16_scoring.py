@@ -37,12 +37,8 @@ from agent_prune.heap import configure_heap, release_memory
 from agent_prune.models.adapters import adapter_for
 from agent_prune.models.loading import load_model
 from agent_prune.models.precision import SHARED_WIDTH, cast_parameters, pad_mlp_widths
+from bench._shared import rss_bytes
 from bench.width_pruners import mlp_cut
-
-
-def rss_mib() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096 >> 20
 
 
 def random_cut(dense, sparsity: float, seed: int, allocation: str):
@@ -84,16 +80,16 @@ def main(argv=None) -> int:
             if args.shared_width:
                 pad_mlp_widths(model, args.shared_width)
         release_memory()
-        with_model = rss_mib()
+        with_model = rss_bytes() >> 20
         started = time.perf_counter()
         record = evaluator.score(model)
-        seconds, at_end = time.perf_counter() - started, rss_mib()
+        seconds, at_end = time.perf_counter() - started, rss_bytes() >> 20
         del model
         release_memory()
         print(json.dumps({"dtype": args.dtype, "model": name, "seconds": round(seconds, 1),
                           "validation_perplexity": round(record.perplexity.value, 3),
                           "rss_with_model_mib": with_model, "rss_after_scoring_mib": at_end,
-                          "rss_after_release_mib": rss_mib()}), flush=True)
+                          "rss_after_release_mib": rss_bytes() >> 20}), flush=True)
     return 0
 
 

@@ -121,9 +121,8 @@ class LoopEvaluator:
         compute dtype, :func:`agent_prune.models.precision.evaluated_in`; the KL reference should
         be in the same dtype). The softmaxes upcast the logits to float32."""
         started = time.perf_counter()
-        windows = self.ppl_windows
-        nll = window_nlls(model, windows, batch_size=self._window_batch,
-                          advance=self.progress.task("perplexity (validation)", windows.shape[0]))
+        nll = window_nlls(model, self.ppl_windows, batch_size=self._window_batch,
+                          advance=self.progress.task("perplexity (validation)", self.ppl_windows.shape[0]))
         scores = knowledge.choice_scores(
             model, self.tokenizer, self.probe_items, (), requests=self.probe_requests,
             batch_size=self.batch_size,
