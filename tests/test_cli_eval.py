@@ -52,3 +52,23 @@ def test_missing_data_directory(tmp_path):
 def test_non_positive_windows(tmp_path):
     assert_one_line_error(run_eval("--model", "x.gguf", "--windows", "0", "--data-dir", str(tmp_path)),
                           "--windows must be at least 1")
+
+
+def test_compute_dtype_evaluates_a_bfloat16_copy(tmp_path):
+    import json
+
+    from tests.conftest import save_tiny
+    from tests.tiny_data import write_data_dir
+
+    save_tiny(tmp_path / "model", "llama", num_hidden_layers=2)
+    write_data_dir(tmp_path / "data", questions=8)
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        done = run_eval("--model", str(tmp_path / "model"), "--data-dir", str(tmp_path / "data"), "--tasks",
+                        "wikitext2", "--seqlen", "32", "--windows", "2", "--compute-dtype", dtype, "--json",
+                        "--quiet")
+        assert done.returncode == 0, done.stderr
+        results[dtype] = json.loads(done.stdout)["wikitext2"]
+        assert results[dtype]["dtype"] == dtype  # what the forwards multiplied in
+    assert results["bfloat16"]["nll"] != results["float32"]["nll"]
+    assert results["bfloat16"]["nll"] == pytest.approx(results["float32"]["nll"], abs=0.02)

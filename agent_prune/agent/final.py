@@ -48,15 +48,19 @@ class FinalReport:
                  "best_step": best, **self.sizes(model, manifest, export)}
         if self.gguf:
             final["file_size"]["dense"], final["gguf"] = self.dense_gguf(export)
-        if spec.windows > 0 and spec.tasks:
-            final["evaluation"] = {"dense": self.evaluation(r.base.model, "dense"),
-                                   "pruned": self.evaluation(model, f"step-{best:04d}")}
         if spec.speed and r.base.offload is not None:
             r.reporter.warn(f"no speed measurement: the decoder layers are offloaded ({r.base.offload})")
             final["speed_skipped"] = f"decoder layers offloaded ({r.base.offload})"
         elif spec.speed:
             dense_gguf = final["gguf"]["dense"] if self.gguf else None
             final.update(self.speed(model, dense_gguf, export_path))
+        if spec.windows > 0 and spec.tasks:
+            # Its replay is dropped from the step cache, so it is the report's alone: a compute-dtype
+            # report casts it in place instead of holding a copy beside it.
+            self.states.release()
+            pruned = self.evaluation(model, f"step-{best:04d}", owned=True)
+            del model
+            final["evaluation"] = {"dense": self.evaluation(r.base.model, "dense"), "pruned": pruned}
         return final
 
     @property
@@ -131,20 +135,22 @@ class FinalReport:
         return llamacpp.measure_speed({"dense": dense, "pruned": str(pruned)},
                                       prompt[: llamacpp.PROMPT_TOKENS].tolist())
 
-    def evaluation(self, model: nn.Module, name: str) -> dict:
+    def evaluation(self, model: nn.Module, name: str, owned: bool = False) -> dict:
         """The report's tasks on the test protocol, kept per state so resume does not redo them; the
-        dense model's through the evaluation cache (``Scoring.dense_task``)."""
+        dense model's through the evaluation cache (``Scoring.dense_task``). ``owned``: the caller
+        gives ``model`` up (``Scoring.reported``)."""
         r = self.resources
         path = r.run_dir / "final" / f"{name}.json"
         if path.is_file():
             return read_json(path)
         r.reporter.finishing(f"evaluating {name} on the test protocol")
         results = {}
-        for task in r.options.final_eval.tasks:
-            with r.trace.measure("phase", phase=f"final eval {name}: {task}"):
-                if name == "dense":
-                    results[task] = self.scoring.dense_task(task)
-                else:
-                    results[task] = self.scoring.report_task(model, task)
+        with self.scoring.reported(model, owned=owned) as reported:
+            for task in r.options.final_eval.tasks:
+                with r.trace.measure("phase", phase=f"final eval {name}: {task}"):
+                    if name == "dense":
+                        results[task] = self.scoring.dense_task(task, reported)
+                    else:
+                        results[task] = self.scoring.report_task(reported, task)
         atomic_write_json(path, results)
         return results

@@ -43,6 +43,14 @@ class FinalEval(BaseModel):
     freebaseqa_limit: int = 300
     arc_limit: int = 300
     speed: bool = True
+    dtype: Literal["weights", "compute"] = Field(
+        "weights", description="what the report's tasks multiply in. weights: the weights as stored and "
+                               "exported (--dtype), figures comparable with other tools' float32 ones; "
+                               "compute: the run's compute dtype, on a copy as the candidates are scored "
+                               "(agent_prune.models.precision.evaluated_in): with --compute-dtype "
+                               "bfloat16 the report takes about half the time on a CPU with AVX512-BF16. "
+                               "Speed is measured on the weights as stored either way. CLI "
+                               "--report-dtype")
 
     @field_validator("tasks")
     @classmethod
@@ -153,13 +161,14 @@ class RunOptions(BaseModel):
                                "refit) under torch autocast, weights, residual stream and statistics "
                                "staying float32; its candidate scoring (validation windows, FreebaseQA "
                                "probes, KL) on a bfloat16 copy of each model, MLP widths padded with "
-                               "zero channels to shared shapes. The report's evaluation, speed and "
-                               "export never use it. auto: bfloat16 for float32 weights on a device with "
-                               "bfloat16 units (CPUs with AVX512-BF16 or AMX, CUDA), else float32; "
-                               "resolved when the run starts and saved in run.json. The shared model's "
-                               "demo on 2 cores: the same decisions in 11 min 17 s against 13-14 min, "
-                               "at a 2360 MiB peak against 1980 (agent_prune.models.precision; "
-                               "docs/benchmarks.md, \"bfloat16 compute\")")
+                               "zero channels to shared shapes. The report's evaluation uses it only "
+                               "with final_eval.dtype compute; speed and export never. auto: bfloat16 "
+                               "for float32 weights on a device with bfloat16 units (CPUs with "
+                               "AVX512-BF16 or AMX, CUDA), else float32; resolved when the run starts "
+                               "and saved in run.json. The shared model's demo on 2 cores: the same "
+                               "decisions in 11 min 17 s against 13-14 min, at a 2360 MiB peak against "
+                               "1980 (agent_prune.models.precision; docs/benchmarks.md, \"bfloat16 "
+                               "compute\")")
     export_format: Literal["hf", "gguf"] = "hf"
     export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
     gates: Gates = Field(default_factory=Gates)

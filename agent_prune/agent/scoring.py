@@ -6,7 +6,7 @@ instead of measuring again."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property, partial
 
 from torch import nn
@@ -52,10 +52,21 @@ class Scoring:
         with self.resources.computing(), evaluated_in(model, owned=owned) as evaluated:
             return evaluator.score(evaluated).model_dump(mode="json")
 
+    @contextlib.contextmanager
+    def reported(self, model: nn.Module, owned: bool = False) -> Iterator[nn.Module]:
+        """``model`` as the report's tasks multiply it (``final_eval.dtype``): as stored, so its figures
+        stay comparable with other tools' and runs'; or, with ``compute``, in the run's compute dtype
+        on a copy as candidates are scored (``owned``: the caller gives ``model`` up)."""
+        if self.resources.options.final_eval.dtype == "weights":
+            yield model
+            return
+        with self.resources.computing(), evaluated_in(model, owned=owned) as evaluated:
+            yield evaluated
+
     def report_task(self, model: nn.Module, task: str) -> dict:
-        """One task of the report's protocol, in the weights' dtype whatever the compute dtype (its
-        figures stay comparable with other tools' and runs'); the seam where the test protocol is
-        run (tests count its calls to show that the dense model is evaluated once per protocol)."""
+        """One task of the report's protocol on ``model`` as :meth:`reported` gives it; the seam where
+        the test protocol is run (tests count its calls to show that the dense model is evaluated
+        once per protocol)."""
         from agent_prune.evaluation.harness import run_tasks
 
         r, spec = self.resources, self.resources.options.final_eval
@@ -85,17 +96,20 @@ class Scoring:
         return self._cached([WIKITEXT_FILES["validation"], FREEBASEQA_FILE, C4_FILE], protocol,
                             partial(self.score, self.resources.base.model))
 
-    def dense_task(self, task: str) -> dict:
-        """The dense model's figures on one report task, from the cache where they were measured."""
+    def dense_task(self, task: str, reported: nn.Module) -> dict:
+        """The dense model's figures on one report task, from the cache where they were measured, else
+        measured on ``reported`` (the dense model as :meth:`reported` gives it)."""
         from agent_prune.evaluation.cache import task_files
 
-        spec = self.resources.options.final_eval
-        protocol = {"task": task, "dtype": self.resources.options.dtype,
+        r, spec = self.resources, self.resources.options.final_eval
+        # a compute-dtype report runs a bfloat16 copy, except of offloaded layers (scored as stored)
+        copy = {"report_in": r.compute_dtype, "offloaded": r.base.offload is not None}
+        protocol = {"task": task, "dtype": r.options.dtype,
                     "device": self.device_kind, "batch_size": report_batch(task),
                     **({"seqlen": spec.seqlen, "windows": spec.windows} if task == "wikitext2"
-                       else {"limit": self.task_limit(task)})}
-        return self._cached(task_files(task), protocol,
-                            partial(self.report_task, self.resources.base.model, task))
+                       else {"limit": self.task_limit(task)}),
+                    **(copy if spec.dtype == "compute" else {})}
+        return self._cached(task_files(task), protocol, partial(self.report_task, reported, task))
 
     def dense_profile(self, compute: Callable[[], dict]) -> tuple[dict, bool]:
         """(the dense model's sensitivity profile, whether it came from the cache): ``compute()``,

@@ -39,6 +39,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use the first N items of other tasks")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     parser.add_argument("--per-item", action="store_true", help="include per-item vectors in --json output")
+    parser.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="float32",
+                        help="what the forwards multiply in: float32 (default) as loaded, or a bfloat16 "
+                             "copy with MLP widths padded to shared shapes, as 'agent-prune run "
+                             "--report-dtype compute' evaluates (auto: bfloat16 for float32 weights "
+                             "where the CPU or GPU has bfloat16 units)")
     add_output_args(parser)
     parser.set_defaults(handler=run)
 
@@ -52,11 +57,14 @@ def run(args) -> int:
     data_dir = resolve_data_dir(args.data_dir)
     from agent_prune.evaluation.harness import run_tasks  # torch is imported only past flag checks
     from agent_prune.models.loading import load_model
+    from agent_prune.models.precision import compute_dtype, evaluated_in, resolve_compute_dtype
 
     with stderr_console.status(f"loading {args.model}", spinner="dots") if not args.quiet else _null():
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    with RichProgress(quiet=args.quiet) as progress:
-        results = run_tasks(loaded.model, loaded.tokenizer, tasks, data_dir, seqlen=args.seqlen,
+    dtype = resolve_compute_dtype(args.compute_dtype, args.device, args.dtype)
+    with RichProgress(quiet=args.quiet) as progress, compute_dtype(dtype), \
+            evaluated_in(loaded.model, owned=True) as model:
+        results = run_tasks(model, loaded.tokenizer, tasks, data_dir, seqlen=args.seqlen,
                             windows=args.windows, limit=args.limit, batch_size=args.batch_size,
                             progress=progress, per_item=args.per_item)
     if not args.quiet or not args.json:

@@ -13,8 +13,9 @@ them faster. Two ways, by what the pass needs:
   MLP widths are padded to shared shapes (:func:`pad_mlp_widths`): oneDNN keeps a kernel per shape.
   The softmaxes upcast the logits to float32; rotary and other buffers keep their float32 values.
 
-The report's before/after evaluation and speed never use it: their figures are of the weights as
-exported. The run sets the dtype around its passes with :func:`compute_dtype`.
+The report's before/after evaluation uses it only when asked (``--report-dtype compute``: the same
+bfloat16 copy); by default its figures, like speed's always, are of the weights as exported. The run
+sets the dtype around its passes with :func:`compute_dtype`.
 """
 
 from __future__ import annotations

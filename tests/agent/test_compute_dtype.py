@@ -3,6 +3,7 @@ what its candidates are scored in (never what it exports), and float32 for runs 
 it existed."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,33 @@ def test_bfloat16_where_it_is_emulated_is_kept_with_a_warning(tmp_path, monkeypa
     auto = tiny_run_options(tmp_path, compute_dtype="auto")
     assert session.settle_compute_dtype(auto, warnings.append).compute_dtype == "float32"
     assert len(warnings) == 1  # auto never picks an emulated bfloat16
+
+
+def test_a_compute_dtype_report_measures_bfloat16_copies_and_caches_them_apart(tmp_path):
+    from agent_prune.evaluation.harness import run_tasks
+    from agent_prune.models.loading import load_model
+    from agent_prune.models.precision import compute_dtype, evaluated_in
+
+    report = {"tasks": ["wikitext2", "arc_easy"], "speed": False}
+    finals = {}
+    for name, setting in (("weights", "weights"), ("compute", "compute")):
+        options = tiny_run_options(tmp_path, out=str(tmp_path / name), compute_dtype="bfloat16",
+                                   recovery="reconstruct", branches=["width"], target_sparsity=0.2,
+                                   final_eval={**report, "dtype": setting})
+        finals[name] = start_run(options)["final"]["evaluation"]
+    for state in ("dense", "pruned"):
+        weights, compute = finals["weights"][state], finals["compute"][state]
+        assert {e["dtype"] for e in weights.values()} == {"float32"}
+        assert {e["dtype"] for e in compute.values()} == {"bfloat16"}
+        assert "cache" not in compute["wikitext2"]  # the float32 dense figures were not served
+        assert compute["wikitext2"]["nll"] != weights["wikitext2"]["nll"]
+        assert compute["wikitext2"]["nll"] == pytest.approx(weights["wikitext2"]["nll"], abs=0.02)
+    # the pruned figures are the exported model's on a bfloat16 copy, as 'agent-prune eval
+    # --compute-dtype bfloat16' measures them; the export itself stays float32
+    exported = load_model(str(tmp_path / "compute" / "model"))
+    options = read_run_options(tmp_path / "compute")
+    with compute_dtype("bfloat16"), evaluated_in(exported.model, owned=True) as model:
+        again = run_tasks(model, exported.tokenizer, ["wikitext2"], Path(options.data_dir), seqlen=32,
+                          windows=4, batch_size=1)
+    assert again["wikitext2"]["nll"] == finals["compute"]["pruned"]["wikitext2"]["nll"]
+    assert "Evaluated in bfloat16." in (tmp_path / "compute" / "report.md").read_text()
