@@ -112,6 +112,24 @@ def test_evaluated_in_casts_a_copy_or_an_owned_model_and_keeps_buffers_and_ties(
             assert cast is model and model.lm_head.weight.dtype == torch.bfloat16
 
 
+def test_a_copy_keeps_requires_grad_so_the_last_positions_head_is_one_product():
+    model = cut_mlp(tiny_model("llama"), 40)  # padded in the copy
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with compute_dtype("bfloat16"), evaluated_in(model) as copied:
+        assert [p.requires_grad for p in copied.parameters()] == [True] * len(list(copied.parameters()))
+        vocab, hidden = copied.lm_head.weight.shape
+        ids = torch.randint(0, vocab, (4, 6), generator=torch.Generator().manual_seed(0))
+
+        def head_expanded() -> bool:  # the head's weight copied once per row for a batched product
+            with torch.inference_mode(), torch.profiler.profile(record_shapes=True) as prof:
+                copied(input_ids=ids, logits_to_keep=1)
+            return any([4, hidden, vocab] in event.input_shapes for event in prof.events())
+
+        assert not head_expanded()
+        copied.lm_head.weight.requires_grad_(False)  # as the copy's parameters were before
+        assert head_expanded()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
 def test_padded_mlp_widths_share_shapes_and_change_no_output(family):
     model = cut_mlp(tiny_model(family), 40)  # 40 channels kept in every layer
