@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agent_prune.heap import release_memory
 from agent_prune.models.adapters import adapter_for
 from agent_prune.models.offload import is_offloaded
 
@@ -157,5 +158,10 @@ def evaluated_in(model: nn.Module, *, owned: bool = False) -> Iterator[nn.Module
         yield model
     else:
         cast = cast_parameters(model, dtype) if owned else cast_copy(model, dtype)
-        # the kernels kept per shape are oneDNN's (CPU); CUDA's bfloat16 products need no padding
-        yield pad_mlp_widths(cast) if next(cast.parameters()).device.type == "cpu" else cast
+        if next(cast.parameters()).device.type == "cpu":
+            # the kernels kept per shape are oneDNN's (CPU); CUDA's bfloat16 products need no padding
+            pad_mlp_widths(cast)
+            # The float32 weights cast away (and the unpadded ones) were heap blocks under the mmap
+            # threshold: freed, they stay resident beside the pass's working set unless trimmed.
+            release_memory()
+        yield cast
