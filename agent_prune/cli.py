@@ -23,7 +23,7 @@ from agent_prune.errors import (
     AgentPruneError,
     Terminated,
 )
-from agent_prune.heap import configure_heap
+from agent_prune.heap import cap_onednn_kernels, configure_heap
 
 COMMANDS = ("run", "resume", "trace", "profile", "eval", "apply", "export", "heal")
 
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     # CLI's own progress display; a user's own setting wins.
     os.environ.setdefault("TQDM_DISABLE", "1")
     configure_heap()
+    cap_onednn_kernels()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

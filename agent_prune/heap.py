@@ -1,4 +1,5 @@
-"""glibc heap settings that weigh a run's resident memory against page faults (no-ops elsewhere)."""
+"""Process-wide memory settings that weigh a run's resident memory against time: glibc's heap
+thresholds and oneDNN's kernel cache (no-ops where they do not apply)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,20 @@ def configure_heap(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 2
         return  # refused: leave glibc's dynamic thresholds as they are
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "trim_threshold" not in tunables:
         _LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+
+
+# oneDNN keeps the bfloat16 kernels it builds, each with buffers (0.4-0.8 MiB at the loop's shapes), in
+# a cache of 1024 by default: the walks' per-layer widths and the probes' batch lengths filled it through
+# a run. A forward of a padded model meets about 15 shapes and a walk's layer fewer, so 64 keep what a
+# pass reuses: the README demo in bfloat16 ran in 9 min 15 s against 9 min 33 s, per-node peak 2056
+# MiB against 2282 (docs/benchmarks.md, "The report in bfloat16"). Float32 products are MKL's, uncached.
+ONEDNN_KERNELS = 64
+
+
+def cap_onednn_kernels(capacity: int = ONEDNN_KERNELS) -> None:
+    """Cap oneDNN's kernel cache at ``capacity`` (read at its first kernel, so call before any bfloat16
+    product; worker processes inherit it); a user's own ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 def _load_libc():
