@@ -166,9 +166,10 @@ class RunOptions(BaseModel):
                                "for float32 weights on a device with bfloat16 units (CPUs with "
                                "AVX512-BF16 or AMX, CUDA), else float32; resolved when the run starts "
                                "and saved in run.json. The shared model's demo on 2 cores: the same "
-                               "decisions in 11 min 17 s against 13-14 min, at a 2360 MiB peak against "
-                               "1980 (agent_prune.models.precision; docs/benchmarks.md, \"bfloat16 "
-                               "compute\")")
+                               "decisions in 11 min 17 s against 13-14 min (2360 MiB peak against "
+                               "1980); with final_eval.dtype compute and oneDNN's kernel cache capped, "
+                               "8 min 40 s at 2092 MiB (agent_prune.models.precision; "
+                               "docs/benchmarks.md, \"bfloat16 compute\", \"The report in bfloat16\")")
     export_format: Literal["hf", "gguf"] = "hf"
     export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
     gates: Gates = Field(default_factory=Gates)
