@@ -168,7 +168,7 @@ class RunOptions(BaseModel):
                                "and saved in run.json. The shared model's demo on 2 cores: the same "
                                "decisions in 11 min 17 s against 13-14 min (2360 MiB peak against "
                                "1980); with final_eval.dtype compute and oneDNN's kernel cache capped, "
-                               "8 min 40 s at 2092 MiB (agent_prune.models.precision; "
+                               "8 min 40 s to 9 min 23 s at 2058-2092 MiB (agent_prune.models.precision; "
                                "docs/benchmarks.md, \"bfloat16 compute\", \"The report in bfloat16\")")
     export_format: Literal["hf", "gguf"] = "hf"
     export_quant: str | None = Field(None, description="GGUF tensor type; default the input GGUF's")
