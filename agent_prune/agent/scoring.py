@@ -49,19 +49,22 @@ class Scoring:
         run's compute dtype; ``owned``: the caller gives ``model`` up, so it may be cast in place."""
         evaluator = self.evaluator
         evaluator.progress = self.resources.reporter
-        with self.resources.computing(), evaluated_in(model, owned=owned) as evaluated:
+        with self.computed(model, owned) as evaluated:
             return evaluator.score(evaluated).model_dump(mode="json")
 
     @contextlib.contextmanager
-    def reported(self, model: nn.Module, owned: bool = False) -> Iterator[nn.Module]:
-        """``model`` as the report's tasks multiply it (``final_eval.dtype``): as stored, so its figures
-        stay comparable with other tools' and runs'; or, with ``compute``, in the run's compute dtype
-        on a copy as candidates are scored (``owned``: the caller gives ``model`` up)."""
-        if self.resources.options.final_eval.dtype == "weights":
-            yield model
-            return
+    def computed(self, model: nn.Module, owned: bool = False) -> Iterator[nn.Module]:
+        """``model`` in the run's compute dtype (``precision.evaluated_in``; ``owned``: the caller
+        gives ``model`` up, so it may be cast in place)."""
         with self.resources.computing(), evaluated_in(model, owned=owned) as evaluated:
             yield evaluated
+
+    def reported(self, model: nn.Module, owned: bool = False) -> contextlib.AbstractContextManager:
+        """``model`` as the report's tasks multiply it (``final_eval.dtype``): as stored, so its figures
+        stay comparable with other tools' and runs'; or, with ``compute``, as candidates are scored."""
+        if self.resources.options.final_eval.dtype == "weights":
+            return contextlib.nullcontext(model)
+        return self.computed(model, owned)
 
     def report_task(self, model: nn.Module, task: str) -> dict:
         """One task of the report's protocol on ``model`` as :meth:`reported` gives it; the seam where
