@@ -51,11 +51,11 @@ def configure_heap(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 2
         _LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold)
 
 
-# oneDNN keeps the bfloat16 kernels it builds, each with buffers (0.4-0.8 MiB at the loop's shapes), in
-# a cache of 1024 by default: the walks' per-layer widths and the probes' batch lengths filled it through
-# a run. A forward of a padded model meets about 15 shapes and a walk's layer fewer, so 64 keep what a
-# pass reuses: the README demo in bfloat16 ran in 9 min 15 s against 9 min 33 s, per-node peak 2056
-# MiB against 2282 (docs/benchmarks.md, "The report in bfloat16"). Float32 products are MKL's, uncached.
+# oneDNN keeps the bfloat16 kernels it builds, each with its buffers, in a cache of 1024 by default: the
+# walks' per-layer widths and the probes' batch lengths filled it through a run. A forward of a padded
+# model meets about 15 shapes and a walk's layer fewer, so 64 keep what a pass reuses: the README demo
+# in bfloat16 ran in 9 min 15 s against 9 min 33 s, per-node peak 2056 MiB against 2282
+# (docs/benchmarks.md, "The report in bfloat16"). Float32 products are MKL's, uncached.
 ONEDNN_KERNELS = 64
 
 

@@ -137,7 +137,8 @@ def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     input (the last position that ``logits_to_keep=1`` slices off a batch) into one matrix product only
     when the weight requires grad; otherwise it expands the weight once per row for a batched product.
     For the shared model's head in a batch of 32 generations that was a 1.8 GB copy per call: the
-    report's FreebaseQA on a bfloat16 copy took 92 s against 50 s, peaking 1.9 GB higher."""
+    README run's dense FreebaseQA on a bfloat16 copy took 101 s against 48 s, peaking at 3808 MiB
+    against 2256 (docs/benchmarks.md, "The report in bfloat16")."""
     memo = {id(p): nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
             for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}
     return copy.deepcopy(model, memo)
