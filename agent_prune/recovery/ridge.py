@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from agent_prune.sensitivity.metrics import gram
+
 
 class LeastSquaresCollector:
     """Accumulates ``X^T X``, ``X^T Y`` and ``sum ||y||^2`` over batches; ``solve`` returns the ridge
@@ -49,7 +51,7 @@ class LeastSquaresCollector:
         if self.xtx.device != x.device:  # the sums live where the activations are (e.g. CUDA)
             self.xtx, self.xty = self.xtx.to(x.device), self.xty.to(x.device)
             self.offset = None if self.offset is None else self.offset.to(x.device)
-        self.xtx += (x.T @ x).double()
+        self.xtx += gram(x)  # promoted to float64 as it is added
         self.xty += (x.T @ t).double()
         self.yty += float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
         self.count += x.shape[0]

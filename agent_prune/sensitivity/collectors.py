@@ -66,7 +66,7 @@ class LinearCollector:
             if self.sums is not None:
                 self.sums += chunk.sum(dim=0).double()
             if self.xtx is not None:
-                self.xtx += (chunk.T @ chunk).double()  # a chunk in float32, the running sum in float64
+                self.xtx += metrics.gram(chunk)  # a chunk in float32, the running sum in float64
         self.samples += inputs.shape[0] if inputs.dim() > 2 else 1
         self.tokens += flat.shape[0]
 

@@ -108,6 +108,25 @@ def column_fluctuation_scores(sums: torch.Tensor, sum_squares: torch.Tensor, tok
     return (variance * weight.detach().double().pow(2).sum(dim=0)).float()
 
 
+# Columns per block of a Gram matrix (:func:`gram`): only the blocks on and above the diagonal are
+# multiplied and the rest mirrored. The refit's Gram matrices (about 1300 kept channels over 4096
+# tokens a batch for the shared model) were a third of its walk's product time on 2 cores, and MKL
+# ran the narrower blocks faster per product too (docs/benchmarks.md, "The Gram matrix by blocks").
+GRAM_BLOCK = 256
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x.T @ x`` for rows ``x`` (tokens x features), in ``x``'s dtype, from the blocks on and above
+    the diagonal: a Gram matrix is symmetric, so about half the products of the whole one."""
+    width = x.shape[1]
+    out = torch.empty(width, width, dtype=x.dtype, device=x.device)
+    for start in range(0, width, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, width)
+        out[start:stop, start:] = x[:, start:stop].T @ x[:, start:]
+        out[stop:, start:stop] = out[start:stop, stop:].T
+    return out
+
+
 def damped_inverse(xtx: torch.Tensor, damping: float) -> torch.Tensor:
     """``(H + damping * diag(H))^-1`` in float64, the per-feature damping of :mod:`recovery.ridge`
     (a tiny absolute floor keeps features that never fired invertible)."""

@@ -168,3 +168,11 @@ def test_obs_with_uncorrelated_inputs_ranks_as_the_l2_score():
     obs = metrics.obs_group_scores(x.T @ x, weight, 1, damping=0.5)
     l2 = metrics.column_l2_scores(x.pow(2).sum(0), weight)
     torch.testing.assert_close(obs, 1.5 * l2.pow(2), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("width", [7, 256, 300, 700])
+def test_gram_is_the_whole_product_from_its_upper_blocks(width):
+    x = torch.randn(96, width, generator=torch.Generator().manual_seed(width))
+    product = metrics.gram(x)
+    assert torch.allclose(product, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(product[256:, :256], product[:256, 256:].T)  # below the first block: mirrored
