@@ -63,24 +63,39 @@ def describe_actions(actions: list[dict]) -> str:
 
 def gate_results(candidate: SignalRecord, current: SignalRecord, dense: SignalRecord,
                  gates: Gates) -> list[dict]:
-    results = []
-    if gates.max_step_ppl_increase is not None:
-        gate = gate_records(candidate, current, "perplexity",
-                            max_loss=math.log1p(gates.max_step_ppl_increase), z_threshold=gates.z)
-        results.append({"gate": "max_step_ppl_increase", "threshold": gates.max_step_ppl_increase,
-                        "observed": math.expm1(gate.loss.value), **_gate_fields(gate)})
-    if gates.max_total_ppl_increase is not None:
-        gate = gate_records(candidate, dense, "perplexity",
-                            max_loss=math.log1p(gates.max_total_ppl_increase), z_threshold=gates.z)
-        results.append({"gate": "max_total_ppl_increase", "threshold": gates.max_total_ppl_increase,
-                        "observed": math.expm1(gate.loss.value), **_gate_fields(gate)})
-    if gates.min_probe_accuracy_ratio is not None:
+    """Every gate's result; the probe gate only where the candidate was probed (its probes are
+    skipped only when a perplexity gate already failed it)."""
+    results = perplexity_gates(candidate, current, dense, gates)
+    if gates.min_probe_accuracy_ratio is not None and candidate.mc_accuracy is not None:
         allowed = (1.0 - gates.min_probe_accuracy_ratio) * dense.mc_accuracy.value
         gate = gate_records(candidate, dense, "mc_accuracy", max_loss=allowed, z_threshold=gates.z)
         ratio = candidate.mc_accuracy.value / dense.mc_accuracy.value if dense.mc_accuracy.value else 1.0
         results.append({"gate": "min_probe_accuracy_ratio", "threshold": gates.min_probe_accuracy_ratio,
                         "observed": ratio, **_gate_fields(gate)})
     return results
+
+
+def perplexity_gates(candidate: SignalRecord, current: SignalRecord, dense: SignalRecord,
+                     gates: Gates) -> list[dict]:
+    """The gates on the candidate's validation perplexity against the current and the dense model."""
+    results = []
+    for name, reference in (("max_step_ppl_increase", current), ("max_total_ppl_increase", dense)):
+        threshold = getattr(gates, name)
+        if threshold is None:
+            continue
+        gate = gate_records(candidate, reference, "perplexity", max_loss=math.log1p(threshold),
+                            z_threshold=gates.z)
+        results.append({"gate": name, "threshold": threshold, "observed": math.expm1(gate.loss.value),
+                        **_gate_fields(gate)})
+    return results
+
+
+def ruled_out(candidate: SignalRecord, current: SignalRecord, dense: SignalRecord,
+              gates: Gates) -> str | None:
+    """Why ``candidate`` can never be accepted on its perplexity alone (the perplexity gates it fails),
+    or None: such a candidate needs no probes (``LoopEvaluator.score``'s ``skip_probes``)."""
+    failed = [g for g in perplexity_gates(candidate, current, dense, gates) if not g["passed"]]
+    return _gate_summary(failed) if failed else None
 
 
 def _gate_fields(gate) -> dict:
@@ -91,7 +106,10 @@ def rank_candidates(records: dict[str, SignalRecord], params: dict[str, int], se
                     z: float) -> tuple[list[str], list[dict]]:
     """Branches best first, and the comparisons that ordered them: a knockout in which the leader
     meets each next candidate (depth first, so that it wins full ties; then ``width`` and the other
-    width candidates by name); the order below the winner is the reverse order of elimination."""
+    width candidates by name); the order below the winner is the reverse order of elimination.
+    :func:`decide` ranks the candidates that pass the gates apart from those that fail them."""
+    if not records:
+        return [], []
     branches = sorted(records, key=lambda b: (b != "depth", b != "width", b))
     best, beaten, comparisons = branches[0], [], []
     for challenger in branches[1:]:
@@ -108,6 +126,8 @@ def _match(records: dict[str, SignalRecord], params: dict[str, int], a: str, b: 
     candidate sized as the planner proposed)."""
     comparisons = []
     for metric in (select_by, "mc_margin"):
+        if getattr(records[a], METRICS[metric][0]) is None or getattr(records[b], METRICS[metric][0]) is None:
+            continue  # a candidate not probed (ruled out by its perplexity): no margin to compare
         comparison = compare_records(records[a], records[b], metric, z_threshold=z)
         comparisons.append({"metric": metric, "a": a, "b": b, "verdict": comparison.verdict,
                             "difference": comparison.difference.value,
@@ -138,23 +158,27 @@ def decide(records: dict[str, dict], params: dict[str, int], current: dict, dens
                 "comparisons": [], "gates": {}}
     parsed = {b: SignalRecord.model_validate(r) for b, r in records.items()}
     current_rec, dense_rec = SignalRecord.model_validate(current), SignalRecord.model_validate(dense)
-    order, comparisons = rank_candidates(parsed, params, select_by, gates.z)
-    checks = {b: gate_results(parsed[b], current_rec, dense_rec, gates) for b in order}
-    passing = [b for b in order if all(g["passed"] for g in checks[b])]
+    checks = {b: gate_results(parsed[b], current_rec, dense_rec, gates) for b in parsed}
+    passing = [b for b in parsed if all(g["passed"] for g in checks[b])]
+    # A candidate the gates fail is never accepted, so it takes no part in choosing among the others
+    # (whether its probes were run or not); the failures are ranked apart, for the record.
+    order, comparisons = rank_candidates({b: parsed[b] for b in passing}, params, select_by, gates.z)
+    failing_order, failing_comparisons = rank_candidates(
+        {b: r for b, r in parsed.items() if b not in passing}, params, select_by, gates.z)
     if passing:
-        branch = passing[0]
-        why = "only candidate passing the gates"
-        if branch == order[0] and comparisons:
-            why = _why_first(comparisons)
-        if len(order) == 1:
+        branch = order[0]
+        why = _why_first(comparisons) if comparisons else "only candidate passing the gates"
+        if len(parsed) == 1:
             why = "only candidate"
         reason = f"{branch} {why}; " + _gate_summary(checks[branch])
-        return {"accepted": True, "branch": branch, "reason": reason, "comparisons": comparisons,
+        return {"accepted": True, "branch": branch, "reason": reason,
+                "comparisons": comparisons + failing_comparisons,
                 "leads": leads(parsed, branch, select_by, gates.z), "gates": checks,
                 "metrics": headline(records[branch])}
-    failed = [f"{b}: " + _gate_summary(checks[b], failed_only=True) for b in order]
-    return {"accepted": False, "branch": order[0], "reason": "gates crossed - " + "; ".join(failed),
-            "comparisons": comparisons, "gates": checks, "metrics": headline(records[order[0]])}
+    failed = [f"{b}: " + _gate_summary(checks[b], failed_only=True) for b in failing_order]
+    branch = failing_order[0]
+    return {"accepted": False, "branch": branch, "reason": "gates crossed - " + "; ".join(failed),
+            "comparisons": failing_comparisons, "gates": checks, "metrics": headline(records[branch])}
 
 
 def _why_first(comparisons: list[dict]) -> str:

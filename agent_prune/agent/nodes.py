@@ -267,7 +267,8 @@ class LoopNodes:
         ctx = self.ctx
         ctx.states.release()  # scoring's peak is then the dense model and one candidate
         candidates = state["candidates"]
-        runs = ctx.workers.run("score", [{"candidate": c["dir"]} for c in candidates],
+        gated_on = {"current": state["current"]["record"], "dense": state["dense"]["record"]}
+        runs = ctx.workers.run("score", [{"candidate": c["dir"], **gated_on} for c in candidates],
                                lambda i: ctx.reporter.evaluating(state["iteration"], candidates[i]["branch"]))
         scored = []
         for candidate, (record_path, seconds) in zip(candidates, runs):

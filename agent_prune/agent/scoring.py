@@ -44,13 +44,23 @@ class Scoring:
                 seed=o.seed, spill_dir=r.run_dir,  # the KL reference: 200 MB off the run's resident set
             )
 
-    def score(self, model: nn.Module, owned: bool = False) -> dict:
+    def score(self, model: nn.Module, owned: bool = False,
+              against: tuple[dict, dict] | None = None) -> dict:
         """The loop's signals of ``model`` (what the gates and the planner read), measured in the
-        run's compute dtype; ``owned``: the caller gives ``model`` up, so it may be cast in place."""
+        run's compute dtype; ``owned``: the caller gives ``model`` up, so it may be cast in place.
+        ``against``: the (current, dense) records of a candidate's step; a candidate whose perplexity
+        already fails their gates is never accepted, so its probes are skipped."""
         evaluator = self.evaluator
         evaluator.progress = self.resources.reporter
+        skip = None
+        if against is not None:
+            from agent_prune.agent.decisions import ruled_out
+            from agent_prune.evaluation.loop import SignalRecord
+
+            current, dense = (SignalRecord.model_validate(record) for record in against)
+            skip = partial(ruled_out, current=current, dense=dense, gates=self.resources.options.gates)
         with self.computed(model, owned) as evaluated:
-            return evaluator.score(evaluated).model_dump(mode="json")
+            return evaluator.score(evaluated, skip_probes=skip).model_dump(mode="json")
 
     @contextlib.contextmanager
     def computed(self, model: nn.Module, owned: bool = False) -> Iterator[nn.Module]:

@@ -45,12 +45,14 @@ class Steps:
         return {"dir": str(step_dir), "params": counts.total, "prunable": counts.prunable,
                 "layers": base.adapter.num_layers, "record": str(step_dir / "signals.json")}
 
-    def score_state(self, state_dir: Path) -> Path:
-        """``state_dir/signals.json``, scored from the state's replay unless it is already there."""
+    def score_state(self, state_dir: Path, against: tuple[Path, Path] | None = None) -> Path:
+        """``state_dir/signals.json``, scored from the state's replay unless it is already there;
+        ``against``: the signals of the (current, dense) states a candidate is gated on."""
         path = Path(state_dir) / "signals.json"
         if not path.is_file():
             model, _ = self.states.replay(state_dir)
-            atomic_write_json(path, self.scoring.score(model, owned=True))
+            records = None if against is None else (read_json(against[0]), read_json(against[1]))
+            atomic_write_json(path, self.scoring.score(model, owned=True, against=records))
             del model
             release_memory()  # before the next candidate's replay
         return path

@@ -43,10 +43,13 @@ def build_candidate(ctx: RunContext, current: str, actions: list[dict], profile:
         return {"invalid": exc.one_line()}
 
 
-def score_candidate(ctx: RunContext, candidate: str) -> str:
-    """The path of the candidate's ``signals.json``, scored from its replay."""
+def score_candidate(ctx: RunContext, candidate: str, current: str | None = None,
+                    dense: str | None = None) -> str:
+    """The path of the candidate's ``signals.json``, scored from its replay (not probed where its
+    perplexity fails the gates against the ``current`` and ``dense`` signals, when given)."""
     ctx.states.release()  # a worker's cached step model: scoring's peak is dense + one candidate
-    return str(ctx.steps.score_state(Path(candidate)))
+    against = (Path(current), Path(dense)) if current is not None and dense is not None else None
+    return str(ctx.steps.score_state(Path(candidate), against=against))
 
 
 TASKS: dict[str, Callable[..., Any]] = {"build": build_candidate, "score": score_candidate}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -60,16 +61,20 @@ PROBE_BATCH = 4
 
 
 class SignalRecord(BaseModel):
-    """A candidate's in-loop signals with error bars and the per-item vectors needed for pairing."""
+    """A candidate's in-loop signals with error bars and the per-item vectors needed for pairing.
+
+    The FreebaseQA probes are None when they were not run (``probes_skipped`` says why): a candidate
+    that its perplexity alone already rules out is not probed (:meth:`LoopEvaluator.score`)."""
 
     perplexity: Estimate
-    mc_accuracy: Estimate
-    mc_margin: Estimate
+    mc_accuracy: Estimate | None = None
+    mc_margin: Estimate | None = None
     kl: Estimate | None = None
     window_nll: list[float]
-    question_margin: list[float]
-    question_correct: list[float]
+    question_margin: list[float] | None = None
+    question_correct: list[float] | None = None
     window_kl: list[float] | None = None
+    probes_skipped: str | None = None
     items_key: str  # identifies the item set; records compare only when their keys match
     seconds: float
 
@@ -116,28 +121,33 @@ class LoopEvaluator:
         # (checked on the shared model, 1 and 2 threads), and batching bought no speed there.
         return 1
 
-    def score(self, model) -> SignalRecord:
+    def score(self, model, skip_probes: Callable[[SignalRecord], str | None] | None = None) -> SignalRecord:
         """``model``'s signals, in its own dtype (the run hands over a bfloat16 copy for a bfloat16
         compute dtype, :func:`agent_prune.models.precision.evaluated_in`; the KL reference should
-        be in the same dtype). The softmaxes upcast the logits to float32."""
+        be in the same dtype). The softmaxes upcast the logits to float32.
+
+        ``skip_probes(record)``: given the record with its perplexity alone, why the probes are not
+        worth running (the loop's perplexity gates: a candidate they fail is never accepted), or None."""
         started = time.perf_counter()
         nll = window_nlls(model, self.ppl_windows, batch_size=self._window_batch,
                           advance=self.progress.task("perplexity (validation)", self.ppl_windows.shape[0]))
-        scores = knowledge.choice_scores(
-            model, self.tokenizer, self.probe_items, (), requests=self.probe_requests,
-            batch_size=self.batch_size,
-            advance=self.progress.task("FreebaseQA choices", len(self.probe_items)))
-        kl = None
+        record = SignalRecord(perplexity=perplexity_estimate(nll), window_nll=nll.tolist(),
+                              items_key=self.items_key, seconds=0.0)
+        skipped = skip_probes(record) if skip_probes is not None else None
+        if skipped is None:
+            scores = knowledge.choice_scores(
+                model, self.tokenizer, self.probe_items, (), requests=self.probe_requests,
+                batch_size=self.batch_size,
+                advance=self.progress.task("FreebaseQA choices", len(self.probe_items)))
+            record.mc_accuracy, record.mc_margin = mean_estimate(scores.correct), mean_estimate(scores.margin)
+            record.question_margin, record.question_correct = scores.margin.tolist(), scores.correct.tolist()
+        record.probes_skipped = skipped
         if self.kl_windows is not None:
             kl = window_kl(model, self.kl_windows, self.kl_reference, batch_size=self._window_batch,
                            advance=self.progress.task("KL to reference", self.kl_windows.shape[0]))
-        return SignalRecord(
-            perplexity=perplexity_estimate(nll), mc_accuracy=mean_estimate(scores.correct),
-            mc_margin=mean_estimate(scores.margin), kl=mean_estimate(kl) if kl is not None else None,
-            window_nll=nll.tolist(), question_margin=scores.margin.tolist(),
-            question_correct=scores.correct.tolist(), window_kl=kl.tolist() if kl is not None else None,
-            items_key=self.items_key, seconds=round(time.perf_counter() - started, 2),
-        )
+            record.kl, record.window_kl = mean_estimate(kl), kl.tolist()
+        record.seconds = round(time.perf_counter() - started, 2)
+        return record
 
 
 def _paired_vectors(a: SignalRecord, b: SignalRecord, metric: str) -> tuple[list[float], list[float], bool]:
@@ -148,7 +158,8 @@ def _paired_vectors(a: SignalRecord, b: SignalRecord, metric: str) -> tuple[list
     field, higher_is_better = METRICS[metric]
     va, vb = getattr(a, field), getattr(b, field)
     if va is None or vb is None:
-        raise ValueError(f"metric '{metric}' is missing from a record (was a reference model given?)")
+        raise ValueError(f"metric '{metric}' is missing from a record (a reference model not given, "
+                         "or the probes skipped)")
     return va, vb, higher_is_better
 
 

@@ -2,7 +2,7 @@
 
 import math
 
-from agent_prune.agent.decisions import decide, rival_margin
+from agent_prune.agent.decisions import decide, rival_margin, ruled_out
 from agent_prune.agent.options import Gates
 from agent_prune.evaluation.loop import SignalRecord
 from agent_prune.evaluation.stats import mean_estimate, perplexity_estimate
@@ -72,9 +72,40 @@ def test_three_candidates_meet_in_a_knockout_and_the_history_keeps_the_lead_over
     margin = rival_margin(result)
     assert margin["rival"] == "width" and 2 < margin["rival_z"] < margin["leads"]["depth"]
     assert set(margin["leads"]) == {"depth", "width"}
-    # a winner that fails a gate hands the step to the candidate it beat last
+    # a candidate that fails a gate leaves the knockout: the others meet without it
     records["width-fluctuation"] = record(better, [-0.1] * 6)  # every probe question lost
     gates = Gates(max_step_ppl_increase=None, min_probe_accuracy_ratio=0.9)
     gated = decide(records, params, DENSE, DENSE, gates)
     assert gated["accepted"] and gated["branch"] == "width"
-    assert "only candidate passing the gates" in gated["reason"]
+    assert gated["reason"].startswith("width better on paired perplexity")
+    assert [(c["a"], c["b"]) for c in gated["comparisons"]] == [("depth", "width")]
+
+
+def unprobed(nll: list[float], why: str = "ruled out") -> dict:
+    """A record whose probes were skipped (``LoopEvaluator.score``'s ``skip_probes``)."""
+    return SignalRecord(perplexity=perplexity_estimate(nll), window_nll=nll, probes_skipped=why,
+                        items_key="k", seconds=0.0).model_dump()
+
+
+def test_a_candidate_its_perplexity_rules_out_needs_no_probes_and_stays_out_of_the_choice():
+    far = [x + 0.9 + 0.01 * i for i, x in enumerate(NOISY)]  # exp(0.9) - 1: +146% on the current model
+    gates = Gates(max_step_ppl_increase=0.5, min_probe_accuracy_ratio=0.9)
+    current = SignalRecord.model_validate(record(NOISY, [0.1] * 6))
+    reason = ruled_out(SignalRecord.model_validate(unprobed(far)), current, current, gates)
+    assert reason is not None and reason.startswith("max_step_ppl_increase") and "FAIL" in reason
+    assert ruled_out(SignalRecord.model_validate(unprobed(NOISY)), current, current, gates) is None
+    # the ruled-out depth candidate, unprobed, leaves the two width candidates to decide on their own
+    better = [x - 0.002 * i for i, x in enumerate(NOISY)]
+    records = {"depth": unprobed(far), "width": record(NOISY, [0.1] * 6),
+               "width-fluctuation": record(better, [0.3 + 0.01 * i for i in range(6)])}
+    result = decide(records, dict.fromkeys(records, 100), record(NOISY, [0.1] * 6), DENSE, gates)
+    assert result["accepted"] and result["branch"] == "width-fluctuation"
+    assert [(c["a"], c["b"]) for c in result["comparisons"]] == [("width", "width-fluctuation")]
+    assert [g["gate"] for g in result["gates"]["depth"]] == ["max_step_ppl_increase"]  # no probe gate
+    assert result["leads"]["depth"] > 10  # still measured against it on the selection signal
+    # every candidate ruled out: a rollback naming the least bad, compared on perplexity alone
+    worst = [x + 0.2 for x in far]
+    rejected = decide({"depth": unprobed(worst), "width": unprobed(far)}, {"depth": 100, "width": 100},
+                      record(NOISY, [0.1] * 6), DENSE, gates)
+    assert not rejected["accepted"] and rejected["branch"] == "width"
+    assert [c["metric"] for c in rejected["comparisons"]] == ["perplexity"]
