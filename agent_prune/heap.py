@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -21,9 +22,16 @@ def release_memory() -> None:
     node's start held up to 500 MiB of such pages (docs/benchmarks.md, "Trimming the heap"). A trim
     costs milliseconds and the faults of the pages it returned when reused. A no-op where
     ``malloc_trim`` does not exist.
+
+    It also unmaps the file pages of the weights registered with
+    :func:`agent_prune.models.mapped.keep_unmapped` (the run's dense model), which stay in the page
+    cache for their next use.
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+    mapped = sys.modules.get("agent_prune.models.mapped")  # imported by whoever registered a model
+    if mapped is not None:
+        mapped.drop_registered()
 
 
 def configure_heap(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 20) -> None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from agent_prune.actions.manifest import LayerRecord
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.mapped import drop_mapped_pages
 from agent_prune.models.offload import materialized, shared_memo
 
 
@@ -137,6 +138,7 @@ def restructured_copy(model: nn.Module, old: list[LayerRecord], new: list[LayerR
             copied.append(nn.Identity())  # dropped by _finish; never copied
             continue
         layer_copy = copy.deepcopy(layer, memo)
+        drop_mapped_pages(layer)  # a source mapped from its file leaves the resident set as it is read
         cut_layer(adapter, layer_copy, old[position], kept[position])
         copied.append(layer_copy)
     _finish(adapter, keep, len(old))

@@ -48,6 +48,7 @@ class RunResources:
     @cached_property
     def base(self):
         from agent_prune.models.loading import OffloadRequest, load_model
+        from agent_prune.models.mapped import keep_unmapped
         from agent_prune.models.offload_homes import spill_folder
 
         o = self.options
@@ -58,6 +59,9 @@ class RunResources:
         loaded = load_model(o.model, device=o.device, dtype=o.dtype, offload=offload)
         if loaded.offload is not None:
             check_offloadable(o, loaded.offload)
+        # Read in bursts (replays, one layer a walk step, the report): between them its weights' file
+        # pages leave the resident set at every trim (heap.release_memory) and stay in the page cache.
+        keep_unmapped(loaded.model)
         return loaded
 
     @cached_property

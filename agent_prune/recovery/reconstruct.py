@@ -34,6 +34,7 @@ from torch import nn
 from agent_prune.actions.surgery import slice_mlp
 from agent_prune.errors import InputError
 from agent_prune.models.adapters import FamilyAdapter, adapter_for
+from agent_prune.models.mapped import drop_mapped_pages
 from agent_prune.models.offload import materialized
 from agent_prune.models.precision import autocast_forward
 from agent_prune.models.streaming import (
@@ -157,6 +158,7 @@ def reconstruct(
             fits = [_fit_for(m, prior, kept, p_adapter, d_adapter, layer, dense_layer) for m in modules]
             open_watch = partial(measure, index, layer) if measure is not None else None
             errors = _refit_layer(p_adapter, layer, fits, stream, parts, kwargs[index], ridge, open_watch)
+        drop_mapped_pages(dense_layer)  # the walk is past it: a mapped dense layer leaves the resident set
         records.append(_record(index, source, modules, errors))
         overrides += [override_key(source, m) for m in modules]
         for module in modules:
