@@ -173,3 +173,21 @@ def test_crash_exits_3_with_one_line_and_debug_shows_the_traceback(tmp_path, mon
     assert main(["--debug", *argv]) == 3  # same exit code, traceback first
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.strip().splitlines()[-1] == lines[0]
+
+
+def test_the_trace_says_which_candidate_went_unprobed_and_why():
+    from rich.console import Console
+
+    from agent_prune.reporting.timeline import render_iteration
+
+    why = "max_step_ppl_increase 0.669 vs 0.5 (FAIL)"
+    events = [{"event": "candidate_scored", "branch": "depth", "probes_skipped": why,
+               "metrics": {"perplexity": {"value": 35.6, "se": 2.6}}},
+              {"event": "candidate_scored", "branch": "width",
+               "metrics": {"perplexity": {"value": 27.2, "se": 2.0},
+                           "mc_accuracy": {"value": 0.41, "se": 0.05}}}]
+    console = Console(record=True, width=200)
+    console.print(render_iteration(1, events))
+    text = console.export_text()
+    assert "depth ppl 35.6 ± 2.6  (not probed: max_step_ppl_increase 0.669 vs 0.5 (FAIL))" in text
+    assert "width ppl 27.2 ± 2  probe acc 41.0% ± 5.0%" in text and text.count("not probed") == 1

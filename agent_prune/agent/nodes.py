@@ -272,9 +272,11 @@ class LoopNodes:
                                lambda i: ctx.reporter.evaluating(state["iteration"], candidates[i]["branch"]))
         scored = []
         for candidate, (record_path, seconds) in zip(candidates, runs):
-            summary = decisions.headline(read_json(record_path))
+            record = read_json(record_path)
+            summary = decisions.headline(record)
+            skipped = {"probes_skipped": record["probes_skipped"]} if record.get("probes_skipped") else {}
             ctx.trace.event("candidate_scored", iteration=state["iteration"], duration_s=seconds,
-                            branch=candidate["branch"], metrics=summary)
+                            branch=candidate["branch"], metrics=summary, **skipped)
             scored.append({**candidate, "record": record_path, "metrics": summary})
         return {"candidates": scored}
 

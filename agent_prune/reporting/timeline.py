@@ -70,7 +70,8 @@ def render_iteration(iteration: int, events: list[dict]) -> Panel:
         elif kind == "candidate_invalid":
             lines.append(Text(f"  {event['branch']} candidate invalid: {event['error']}", style="yellow"))
         elif kind == "candidate_scored":
-            lines.append(Text(f"  {event['branch']:<5} {format_metrics(event.get('metrics', {}))}"))
+            skipped = f"  (not probed: {event['probes_skipped']})" if event.get("probes_skipped") else ""
+            lines.append(Text(f"  {event['branch']:<5} {format_metrics(event.get('metrics', {}))}{skipped}"))
         elif kind == "decision":
             style = "green" if event.get("accepted") else "red"
             verdict = f"accepted {event.get('branch')}" if event.get("accepted") else "rejected"

@@ -110,8 +110,8 @@ def column_fluctuation_scores(sums: torch.Tensor, sum_squares: torch.Tensor, tok
 
 # Columns per block of a Gram matrix (:func:`gram`): only the blocks on and above the diagonal are
 # multiplied and the rest mirrored. The refit's Gram matrices (about 1300 kept channels over 4096
-# tokens a batch for the shared model) were a third of its walk's product time on 2 cores, and MKL
-# ran the narrower blocks faster per product too (docs/benchmarks.md, "The Gram matrix by blocks").
+# tokens a batch for the shared model) were a large share of its walk's products on 2 cores
+# (docs/benchmarks.md, "At the targets: three cuts").
 GRAM_BLOCK = 256
 
 
