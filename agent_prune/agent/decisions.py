@@ -126,7 +126,7 @@ def _match(records: dict[str, SignalRecord], params: dict[str, int], a: str, b: 
     candidate sized as the planner proposed)."""
     comparisons = []
     for metric in (select_by, "mc_margin"):
-        if getattr(records[a], METRICS[metric][0]) is None or getattr(records[b], METRICS[metric][0]) is None:
+        if metric == "mc_margin" and None in (records[a].question_margin, records[b].question_margin):
             continue  # a candidate not probed (ruled out by its perplexity): no margin to compare
         comparison = compare_records(records[a], records[b], metric, z_threshold=z)
         comparisons.append({"metric": metric, "a": a, "b": b, "verdict": comparison.verdict,
