@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from agent_prune.agent.runtime import RunContext
 from agent_prune.agent.session import RUN_FILE, read_run_options, start_run
+from agent_prune.agent.trace import read_trace
 from agent_prune.io import atomic_write_json, read_json
 from agent_prune.models.precision import resolve_compute_dtype
 from tests.agent.loop_fixtures import tiny_run_options
@@ -99,6 +100,10 @@ def test_a_compute_dtype_report_measures_bfloat16_copies_and_caches_them_apart(t
         assert "cache" not in compute["wikitext2"]  # the float32 dense figures were not served
         assert compute["wikitext2"]["nll"] != weights["wikitext2"]["nll"]
         assert compute["wikitext2"]["nll"] == pytest.approx(weights["wikitext2"]["nll"], abs=0.02)
+    # the casts are measured stretches of their own (each starts on a trimmed heap); none as stored
+    casts = {name: [r["phase"] for r in read_trace(tmp_path / name / "trace.jsonl")
+                    if r["event"] == "phase" and r["phase"].endswith(": cast")] for name in finals}
+    assert casts == {"weights": [], "compute": ["final eval step-0001: cast", "final eval dense: cast"]}
     # the pruned figures are the exported model's on a bfloat16 copy, as 'agent-prune eval
     # --compute-dtype bfloat16' measures them; the export itself stays float32
     exported = load_model(str(tmp_path / "compute" / "model"))
