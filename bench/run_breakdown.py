@@ -1,9 +1,10 @@
-"""Where a run's wall time and peak memory went, per node, per iteration and per start/finish phase.
+"""Where a run's wall time and peak memory went, per node, iteration, candidate job and start/finish phase.
 
     python bench/run_breakdown.py runs/demo [--json]
 
-Reads ``RUN_DIR/trace.jsonl`` (the ``node`` and ``phase`` records; see agent_prune/reporting/cost.py)
-and prints markdown tables for docs/benchmarks.md, or the rows as JSON.
+Reads ``RUN_DIR/trace.jsonl`` (the ``node``, ``phase``, ``candidate_built`` and ``candidate_scored``
+records; see agent_prune/reporting/cost.py) and prints markdown tables for docs/benchmarks.md, or the
+rows as JSON.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent_prune.agent.trace import read_trace
-from agent_prune.reporting.cost import breakdown_markdown, iteration_rows, node_rows, phase_rows
+from agent_prune.reporting.cost import (
+    breakdown_markdown,
+    candidate_rows,
+    iteration_rows,
+    node_rows,
+    phase_rows,
+)
 
 
 def main() -> None:
@@ -30,7 +37,7 @@ def main() -> None:
     records = read_trace(path)
     if args.json:
         print(json.dumps({"nodes": node_rows(records), "iterations": iteration_rows(records),
-                          "phases": phase_rows(records)}, indent=2))
+                          "candidates": candidate_rows(records), "phases": phase_rows(records)}, indent=2))
     else:
         print(breakdown_markdown(records), end="")
 

@@ -207,14 +207,14 @@ class LoopNodes:
                 for branch, target in zip(branches, targets)]
         built = ctx.workers.run("build", jobs, lambda i: ctx.reporter.building(iteration, branches[i]))
         candidates = []
-        for branch, target, (info, seconds) in zip(branches, targets, built):
+        for branch, target, (info, figures) in zip(branches, targets, built):
             actions = plans[branch]
             if "invalid" in info:
                 ctx.trace.event("candidate_invalid", iteration=iteration, branch=branch,
                                 actions=actions, error=info["invalid"])
                 continue
             info = {"branch": branch, "dir": str(target), "actions": actions, **info}
-            ctx.trace.event("candidate_built", iteration=iteration, duration_s=seconds, **info)
+            ctx.trace.event("candidate_built", iteration=iteration, **figures, **info)
             candidates.append(info)
         return {"candidates": candidates}
 
@@ -271,11 +271,11 @@ class LoopNodes:
         runs = ctx.workers.run("score", [{"candidate": c["dir"], **gated_on} for c in candidates],
                                lambda i: ctx.reporter.evaluating(state["iteration"], candidates[i]["branch"]))
         scored = []
-        for candidate, (record_path, seconds) in zip(candidates, runs):
+        for candidate, (record_path, figures) in zip(candidates, runs):
             record = read_json(record_path)
             summary = decisions.headline(record)
             skipped = {"probes_skipped": record["probes_skipped"]} if record.get("probes_skipped") else {}
-            ctx.trace.event("candidate_scored", iteration=state["iteration"], duration_s=seconds,
+            ctx.trace.event("candidate_scored", iteration=state["iteration"], **figures,
                             branch=candidate["branch"], metrics=summary, **skipped)
             scored.append({**candidate, "record": record_path, "metrics": summary})
         return {"candidates": scored}

@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from agent_prune.agent.meter import Meter
 from agent_prune.errors import InvalidActionError
 from agent_prune.io import read_json
 
@@ -69,10 +69,12 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def timed(ctx: RunContext, task: str, job: dict) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = TASKS[task](ctx, **job)
-    return result, time.perf_counter() - start
+def metered(ctx: RunContext, task: str, job: dict) -> tuple[Any, dict]:
+    """``(result, figures)`` of one job: its wall time, peak and end RSS, CPU time and page faults
+    (``agent.meter``; in a worker, that process's own), which the trace records per candidate."""
+    with Meter() as meter:
+        result = TASKS[task](ctx, **job)
+    return result, meter.figures()
 
 
 class WorkerDied(RuntimeError):
@@ -84,7 +86,7 @@ class WorkerTraceback(Exception):
 
 
 def serve(options_json: str, device: str, threads: int, pipe) -> None:
-    """A worker's life: ``(task, job)`` in, ``("done", (result, seconds))`` or ``("failed", error,
+    """A worker's life: ``(task, job)`` in, ``("done", (result, figures))`` or ``("failed", error,
     traceback)`` out, until the run's process terminates it."""
     # Ctrl-C reaches the terminal's whole process group; the run's process stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -102,7 +104,7 @@ def serve(options_json: str, device: str, threads: int, pipe) -> None:
         except EOFError:  # the run's process was killed before it could stop us
             return
         try:
-            reply = ("done", timed(ctx, task, job))
+            reply = ("done", metered(ctx, task, job))
         except Exception as exc:
             reply = ("failed", portable(exc), traceback.format_exc())
         pipe.send(reply)
@@ -134,9 +136,9 @@ class WorkerPool:
             self.processes.append(process)
             self.pipes.append(ours)
 
-    def run(self, task: str, jobs: list[dict], started: Callable[[int], None]) -> list[tuple[Any, float]]:
-        """``(result, seconds)`` of each job; the first failed job's error (in job order) is raised
-        once every job has finished, as the run's own process would have raised it."""
+    def run(self, task: str, jobs: list[dict], started: Callable[[int], None]) -> list[tuple[Any, dict]]:
+        """``(result, figures)`` of each job (:func:`metered`); the first failed job's error (in job
+        order) is raised once every job has finished, as the run's own process would have raised it."""
         from multiprocessing.connection import wait
 
         waiting, idle, busy, replies = list(enumerate(jobs)), list(range(len(self.pipes))), {}, {}
@@ -186,8 +188,8 @@ class CandidateWorkers:
         self.pool: WorkerPool | None = None
 
     def run(self, task: str, jobs: list[dict],
-            started: Callable[[int], None] = lambda index: None) -> Iterable[tuple[Any, float]]:
-        """``(result, seconds)`` per job, in job order."""
+            started: Callable[[int], None] = lambda index: None) -> Iterable[tuple[Any, dict]]:
+        """``(result, figures)`` per job (:func:`metered`), in job order."""
         if self.ctx.options.workers == 1:  # lazily, so each result is recorded before the next job
             return (self.inline(task, index, job, started) for index, job in enumerate(jobs))
         if self.pool is None:
@@ -198,10 +200,10 @@ class CandidateWorkers:
             self.close()  # the others may be mid-job: a later call starts afresh
             raise
 
-    def inline(self, task: str, index: int, job: dict, started: Callable[[int], None]) -> tuple[Any, float]:
+    def inline(self, task: str, index: int, job: dict, started: Callable[[int], None]) -> tuple[Any, dict]:
         started(index)
         with torch_threads(self.ctx.options.candidate_threads):
-            return timed(self.ctx, task, job)
+            return metered(self.ctx, task, job)
 
     def threads(self) -> int:
         """Each worker's torch threads: those one process would build and score a candidate with

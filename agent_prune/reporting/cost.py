@@ -1,8 +1,9 @@
-"""Where a run's time and memory went, from the ``node`` and ``phase`` records of its trace.
+"""Where a run's time and memory went, from the ``node``, ``phase`` and candidate records of its trace.
 
 ``node`` records (one per graph node run, written by ``agent.graph.measured``) add up to the run's
 wall time, less what LangGraph's checkpointing takes between nodes; ``phase`` records split the
-``start`` and ``finish`` nodes (model load, dense scoring, export, test-protocol evaluation, speed).
+``start`` and ``finish`` nodes (model load, dense scoring, export, test-protocol evaluation, speed);
+``candidate_built`` and ``candidate_scored`` records split the build and evaluate nodes.
 Peaks are per record (see ``agent.meter``): the largest of them is the run's peak. CPU seconds and
 minor page faults are the run process's own (traces written before they were measured show none).
 """
@@ -79,8 +80,17 @@ def phase_rows(records: list[dict]) -> list[dict]:
              "rss_mb": r.get("rss_mb"), **_cpu([r])} for r in records if r["event"] == "phase"]
 
 
+def candidate_rows(records: list[dict]) -> list[dict]:
+    """Per candidate built or scored: its job's seconds, peak and end RSS, CPU time and faults (the
+    build and evaluate nodes' shares; with ``--workers`` the worker process's own figures)."""
+    jobs = {"candidate_built": "build", "candidate_scored": "score"}
+    return [{"iteration": r["iteration"], "job": jobs[r["event"]], "branch": r["branch"],
+             "seconds": round(r["duration_s"], 1), "peak_rss_mb": r.get("peak_rss_mb"),
+             "rss_mb": r.get("rss_mb"), **_cpu([r])} for r in records if r["event"] in jobs]
+
+
 def breakdown_markdown(records: list[dict]) -> str:
-    """The three tables (per node, per iteration, per phase) as GitHub markdown."""
+    """The four tables (per node, per iteration, per candidate, per phase) as GitHub markdown."""
     nodes = node_rows(records)
     if not nodes:
         return "no `node` records: the run is still in its first node, or predates per-node measurement\n"
@@ -101,6 +111,12 @@ def breakdown_markdown(records: list[dict]) -> str:
         cells = [f"{row['nodes'].get(n, 0.0):.1f}" for n in names]
         lines.append(f"| {row['iteration']} | " + " | ".join(cells)
                      + f" | {row['seconds']:.1f} | {row['peak_rss_mb']:.0f} | {decision} |")
+    candidates = [r for r in candidate_rows(records) if r["peak_rss_mb"] is not None]
+    if candidates:  # traces written before candidates were metered have their seconds alone
+        lines += ["", "| iteration | candidate | job | seconds | peak RSS MiB | RSS after MiB | CPU user s "
+                      "| CPU sys s | minor faults (M) |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['iteration']} | {r['branch']} | {r['job']} | {r['seconds']:.1f} "
+                  f"| {r['peak_rss_mb']:.0f} | {r['rss_mb'] or 0:.0f} " + _cpu_cells(r) for r in candidates]
     phases = phase_rows(records)
     if phases:
         lines += ["", "| phase (inside start / finish) | seconds | peak RSS MiB | RSS after MiB | CPU user s "

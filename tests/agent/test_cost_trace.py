@@ -3,7 +3,7 @@
 from agent_prune.agent.meter import Meter, rss_bytes, status_kib
 from agent_prune.agent.session import start_run
 from agent_prune.agent.trace import read_trace
-from agent_prune.reporting.cost import breakdown_markdown, iteration_rows, node_rows
+from agent_prune.reporting.cost import breakdown_markdown, candidate_rows, iteration_rows, node_rows
 from tests.agent.loop_fixtures import tiny_run_options
 
 MIB = 1024 * 1024
@@ -40,8 +40,13 @@ def test_every_node_run_is_measured_and_the_breakdown_adds_up(tmp_path):
     assert all(row["accepted"] is not None for row in iterations)
     per_node = node_rows(records)
     assert sum(r["runs"] for r in per_node) == len(nodes)
+    candidates = candidate_rows(records)  # each job metered on its own, inside its node's stretch
+    assert {r["job"] for r in candidates} == {"build", "score"}
+    for job, node in (("build", "build"), ("score", "evaluate")):
+        node_peak = max(r["peak_rss_mb"] for r in nodes if r["node"] == node)
+        assert all(0 < r["peak_rss_mb"] <= node_peak for r in candidates if r["job"] == job)
     table = breakdown_markdown(records)
-    assert "| evaluate |" in table and "final eval step-" in table
+    assert "| evaluate |" in table and "final eval step-" in table and "| score |" in table
 
 
 def test_cpu_time_and_page_faults_are_the_stretchs_own():
