@@ -210,15 +210,17 @@ def test_loop_evaluator_scores_candidates_on_the_same_items(tmp_path):
     with pytest.raises(ValueError, match="different items"):
         compare_records(other.score(model), dense)
     assert gate_records(dense, dense, "perplexity", max_loss=0.0).passed
-    seen = []
-    ruled = evaluator.score(damaged, skip_probes=lambda partial: seen.append(partial) or "too far gone")
+    seen = []  # what the question saw, copied when asked
+    ruled = evaluator.score(damaged, skip_probes=lambda partial: seen.append(partial.model_copy(deep=True))
+                            or "too far gone")
     assert seen[0].window_nll == worse.window_nll and seen[0].mc_margin is None  # asked before probing
+    probed = evaluator.score(damaged, skip_probes=lambda partial: seen.append(partial.model_copy(deep=True)))
+    assert seen[1].mc_margin is None and probed.mc_margin is not None  # asked before probing here too
     assert ruled.probes_skipped == "too far gone"
     assert ruled.mc_accuracy is None and ruled.question_margin is None
     assert ruled.window_nll == worse.window_nll and ruled.window_kl == worse.window_kl
     with pytest.raises(ValueError, match="probes skipped"):
         compare_records(ruled, dense, "mc_margin")
-    probed = evaluator.score(damaged, skip_probes=lambda partial: None)
     assert probed.model_dump(exclude={"seconds"}) == worse.model_dump(exclude={"seconds"})
 
 

@@ -57,6 +57,8 @@ def test_registered_models_are_unmapped_at_every_trim(tmp_path):
     model = saved_and_mapped(tmp_path)
     with torch.no_grad():
         model(torch.arange(4)[None])
+        assert mapped.drop_mapped_pages(model) > 0  # the forward mapped its pages in
+        model(torch.arange(4)[None])  # and in again
     mapped.keep_unmapped(model)
     release_memory()
     assert mapped.drop_mapped_pages(model) == 0  # the trim already unmapped them

@@ -63,10 +63,13 @@ def describe_actions(actions: list[dict]) -> str:
 
 def gate_results(candidate: SignalRecord, current: SignalRecord, dense: SignalRecord,
                  gates: Gates) -> list[dict]:
-    """Every gate's result; the probe gate only where the candidate was probed (its probes are
-    skipped only when a perplexity gate already failed it)."""
+    """Every gate's result. A candidate scored without probes fails a ``probed`` gate as well: it was
+    ruled out by its perplexity when scored (:func:`ruled_out`), and must stay out even where
+    ``gates`` now differ (a record read again under other options)."""
     results = perplexity_gates(candidate, current, dense, gates)
-    if gates.min_probe_accuracy_ratio is not None and candidate.mc_accuracy is not None:
+    if candidate.probes_skipped is not None:
+        results.append({"gate": "probed", "observed": candidate.probes_skipped, "passed": False})
+    elif gates.min_probe_accuracy_ratio is not None:
         allowed = (1.0 - gates.min_probe_accuracy_ratio) * dense.mc_accuracy.value
         gate = gate_records(candidate, dense, "mc_accuracy", max_loss=allowed, z_threshold=gates.z)
         ratio = candidate.mc_accuracy.value / dense.mc_accuracy.value if dense.mc_accuracy.value else 1.0
@@ -161,7 +164,8 @@ def decide(records: dict[str, dict], params: dict[str, int], current: dict, dens
     checks = {b: gate_results(parsed[b], current_rec, dense_rec, gates) for b in parsed}
     passing = [b for b in parsed if all(g["passed"] for g in checks[b])]
     # A candidate the gates fail is never accepted, so it takes no part in choosing among the others
-    # (whether its probes were run or not); the failures are ranked apart, for the record.
+    # (whether its probes were run or not); the failures are ranked apart, for the record (an
+    # accepted decision's ``failing_comparisons``).
     order, comparisons = rank_candidates({b: parsed[b] for b in passing}, params, select_by, gates.z)
     failing_order, failing_comparisons = rank_candidates(
         {b: r for b, r in parsed.items() if b not in passing}, params, select_by, gates.z)
@@ -171,8 +175,8 @@ def decide(records: dict[str, dict], params: dict[str, int], current: dict, dens
         if len(parsed) == 1:
             why = "only candidate"
         reason = f"{branch} {why}; " + _gate_summary(checks[branch])
-        return {"accepted": True, "branch": branch, "reason": reason,
-                "comparisons": comparisons + failing_comparisons,
+        return {"accepted": True, "branch": branch, "reason": reason, "comparisons": comparisons,
+                **({"failing_comparisons": failing_comparisons} if failing_comparisons else {}),
                 "leads": leads(parsed, branch, select_by, gates.z), "gates": checks,
                 "metrics": headline(records[branch])}
     failed = [f"{b}: " + _gate_summary(checks[b], failed_only=True) for b in failing_order]
@@ -198,4 +202,5 @@ def _gate_summary(checks: list[dict], failed_only: bool = False) -> str:
     if not shown:
         return "no gates"
     return ", ".join(f"{c['gate']} {c['observed']:.3g} vs {c['threshold']:g} "
-                     f"({'pass' if c['passed'] else 'FAIL'})" for c in shown)
+                     f"({'pass' if c['passed'] else 'FAIL'})" if "threshold" in c
+                     else f"not {c['gate']} (FAIL: ruled out when scored by {c['observed']})" for c in shown)

@@ -146,13 +146,14 @@ class FinalReport:
             return read_json(path)
         r.reporter.finishing(f"evaluating {name} on the test protocol")
         results = {}
+        # A cast is a measured stretch of its own, so it starts on a trimmed heap (trace.measure):
+        # the dense pages the speed phase read leave the resident set before it.
+        casting = contextlib.nullcontext()
+        if self.scoring.report_casts(model):
+            casting = r.trace.measure("phase", phase=f"final eval {name}: cast")
         with contextlib.ExitStack() as stack:
-            if r.options.final_eval.dtype == "weights":
-                reported = model
-            else:  # a measured stretch of its own, so it starts on a trimmed heap (trace.measure):
-                # the dense pages the speed phase read leave the resident set before the cast
-                with r.trace.measure("phase", phase=f"final eval {name}: cast"):
-                    reported = stack.enter_context(self.scoring.reported(model, owned=owned))
+            with casting:
+                reported = stack.enter_context(self.scoring.reported(model, owned=owned))
             for task in r.options.final_eval.tasks:
                 with r.trace.measure("phase", phase=f"final eval {name}: {task}"):
                     if name == "dense":

@@ -267,7 +267,7 @@ class LoopNodes:
         ctx = self.ctx
         ctx.states.release()  # scoring's peak is then the dense model and one candidate
         candidates = state["candidates"]
-        gated_on = {"current": state["current"]["record"], "dense": state["dense"]["record"]}
+        gated_on = {"current_record": state["current"]["record"], "dense_record": state["dense"]["record"]}
         runs = ctx.workers.run("score", [{"candidate": c["dir"], **gated_on} for c in candidates],
                                lambda i: ctx.reporter.evaluating(state["iteration"], candidates[i]["branch"]))
         scored = []

@@ -12,7 +12,7 @@ from functools import cached_property, partial
 from torch import nn
 
 from agent_prune.agent.resources import RunResources
-from agent_prune.models.precision import evaluated_in
+from agent_prune.models.precision import casts, evaluated_in
 
 REPORT_BATCH = 4  # sequences per forward in the report's evaluation (part of its cache key)
 # WikiText-2 windows go one at a time: a batch of 4 held [4, 512, 49152] logits, 300 MiB more at the
@@ -75,6 +75,14 @@ class Scoring:
         if self.resources.options.final_eval.dtype == "weights":
             return contextlib.nullcontext(model)
         return self.computed(model, owned)
+
+    def report_casts(self, model: nn.Module) -> bool:
+        """Whether :meth:`reported` gives a compute-dtype cast of ``model`` (a copy, or ``model`` cast
+        in place) rather than ``model`` as stored."""
+        if self.resources.options.final_eval.dtype == "weights":
+            return False
+        with self.resources.computing():
+            return casts(model)
 
     def report_task(self, model: nn.Module, task: str) -> dict:
         """One task of the report's protocol on ``model`` as :meth:`reported` gives it; the seam where

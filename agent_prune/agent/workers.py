@@ -24,6 +24,7 @@ import torch
 
 from agent_prune.agent.meter import Meter
 from agent_prune.errors import InvalidActionError
+from agent_prune.heap import release_memory
 from agent_prune.io import read_json
 
 if TYPE_CHECKING:
@@ -43,12 +44,15 @@ def build_candidate(ctx: RunContext, current: str, actions: list[dict], profile:
         return {"invalid": exc.one_line()}
 
 
-def score_candidate(ctx: RunContext, candidate: str, current: str | None = None,
-                    dense: str | None = None) -> str:
-    """The path of the candidate's ``signals.json``, scored from its replay (not probed where its
-    perplexity fails the gates against the ``current`` and ``dense`` signals, when given)."""
+def score_candidate(ctx: RunContext, candidate: str, current_record: str | None = None,
+                    dense_record: str | None = None) -> str:
+    """The path of the candidate's ``signals.json``, scored from its replay; not probed where its
+    perplexity fails the gates against the current and the dense model's ``signals.json`` (both
+    given, or neither: then always probed)."""
+    if (current_record is None) != (dense_record is None):
+        raise ValueError("score_candidate gates on both the current and the dense record, or on neither")
     ctx.states.release()  # a worker's cached step model: scoring's peak is dense + one candidate
-    against = (Path(current), Path(dense)) if current is not None and dense is not None else None
+    against = (Path(current_record), Path(dense_record)) if current_record is not None else None
     return str(ctx.steps.score_state(Path(candidate), against=against))
 
 
@@ -72,6 +76,7 @@ def torch_threads(count: int | None) -> Iterator[None]:
 def metered(ctx: RunContext, task: str, job: dict) -> tuple[Any, dict]:
     """``(result, figures)`` of one job: its wall time, peak and end RSS, CPU time and page faults
     (``agent.meter``; in a worker, that process's own), which the trace records per candidate."""
+    release_memory()  # each job starts on a trimmed heap, as a traced stretch does (trace.measure)
     with Meter() as meter:
         result = TASKS[task](ctx, **job)
     return result, meter.figures()

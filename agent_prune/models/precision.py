@@ -144,20 +144,25 @@ def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def casts(model: nn.Module) -> bool:
+    """Whether :func:`evaluated_in` gives another model than ``model`` itself in the active compute
+    dtype: a bfloat16 one, float32 weights, layers not offloaded. An offloaded replay shares the base
+    model's embeddings and head (offload.shared_memo): cast in place, they would turn the base model
+    to bfloat16 for every later build and the export; its layers are read from their homes as stored."""
+    return (_ACTIVE.get() is not None and next(model.parameters()).dtype == torch.float32
+            and not is_offloaded(model))
+
+
 @contextlib.contextmanager
 def evaluated_in(model: nn.Module, *, owned: bool = False) -> Iterator[nn.Module]:
     """``model`` with its weights in the active compute dtype and, on CPU, its MLP widths padded to
     shared shapes (:func:`pad_mlp_widths`), for a pass that only reads it: made so in place when the
     caller ``owned`` it and gives it up (a candidate's throwaway replay), else a copy for the block.
-    At float32, or for a model whose layers are offloaded (their weights are read from their homes
-    as stored), ``model`` itself."""
-    dtype = _ACTIVE.get()
-    weights = next(model.parameters()).dtype
-    # An offloaded replay shares the base model's embeddings and head (offload.shared_memo): cast in
-    # place, they would turn the base model to bfloat16 for every later build and the export.
-    if dtype is None or weights != torch.float32 or is_offloaded(model):
+    At float32, or for a model whose layers are offloaded, ``model`` itself (:func:`casts`)."""
+    if not casts(model):
         yield model
     else:
+        dtype = _ACTIVE.get()
         cast = cast_parameters(model, dtype) if owned else cast_copy(model, dtype)
         if next(cast.parameters()).device.type == "cpu":
             # the kernels kept per shape are oneDNN's (CPU); CUDA's bfloat16 products need no padding

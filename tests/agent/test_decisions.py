@@ -101,7 +101,7 @@ def test_a_candidate_its_perplexity_rules_out_needs_no_probes_and_stays_out_of_t
     result = decide(records, dict.fromkeys(records, 100), record(NOISY, [0.1] * 6), DENSE, gates)
     assert result["accepted"] and result["branch"] == "width-fluctuation"
     assert [(c["a"], c["b"]) for c in result["comparisons"]] == [("width", "width-fluctuation")]
-    assert [g["gate"] for g in result["gates"]["depth"]] == ["max_step_ppl_increase"]  # no probe gate
+    assert [g["gate"] for g in result["gates"]["depth"]] == ["max_step_ppl_increase", "probed"]
     assert result["leads"]["depth"] > 10  # still measured against it on the selection signal
     # every candidate ruled out: a rollback naming the least bad, compared on perplexity alone
     worst = [x + 0.2 for x in far]
@@ -109,3 +109,27 @@ def test_a_candidate_its_perplexity_rules_out_needs_no_probes_and_stays_out_of_t
                       record(NOISY, [0.1] * 6), DENSE, gates)
     assert not rejected["accepted"] and rejected["branch"] == "width"
     assert [c["metric"] for c in rejected["comparisons"]] == ["perplexity"]
+
+
+def test_a_record_scored_without_probes_is_never_accepted_even_under_gates_it_now_passes():
+    # e.g. signals.json read again after the run's gates were loosened: its perplexity passes now,
+    # but nothing measured its FreebaseQA probes, so it cannot be kept (nor win on their margin)
+    loose = Gates(max_step_ppl_increase=None)
+    current = record(NOISY, [0.1] * 6)
+    alone = decide({"width": unprobed(NOISY, why="max_step_ppl_increase 0.6 vs 0.5 (FAIL)")}, {"width": 100},
+                   current, DENSE, loose)
+    assert not alone["accepted"]
+    assert "not probed (FAIL: ruled out when scored by max_step_ppl_increase" in alone["reason"]
+    # beside a probed candidate that is worse on perplexity, the probed one is kept
+    worse = [x + 0.01 for x in NOISY]
+    pair = decide({"depth": record(worse, [0.1] * 6), "width": unprobed(NOISY)}, {"depth": 100, "width": 100},
+                  current, DENSE, loose)
+    assert pair["accepted"] and pair["branch"] == "depth"
+    assert pair["comparisons"] == [] and "failing_comparisons" not in pair  # nothing to compare with
+    # the candidates the gates fail are ranked apart: their matches never read as the winner's
+    records = {"depth": record(worse, [0.1] * 6), "width": unprobed(NOISY),
+               "width-fluctuation": unprobed(NOISY)}
+    three = decide(records, dict.fromkeys(records, 100), current, DENSE, loose)
+    assert three["branch"] == "depth" and three["comparisons"] == []
+    assert [(c["metric"], c["a"], c["b"]) for c in three["failing_comparisons"]] == [
+        ("perplexity", "width", "width-fluctuation"), ("params/depth", "width", "width-fluctuation")]

@@ -13,8 +13,8 @@ from agent_prune.agent.workers import WorkerDied, WorkerTraceback
 from tests.agent.loop_fixtures import tiny_run_options
 
 # wall-clock and resource figures (each process meters its own): the only fields allowed to differ
-TIMINGS = {"ts", "duration_s", "seconds", "peak_rss_mb", "peak_scope", "rss_mb", "cpu_user_s", "cpu_sys_s",
-           "minor_faults"}
+TIMINGS = {"ts", "duration_s", "seconds", "peak_rss_mb", "peak_scope", "rss_mb", "cuda_peak_mb", "cpu_user_s",
+           "cpu_sys_s", "minor_faults"}
 
 
 def untimed(value):
