@@ -119,7 +119,9 @@ def test_a_record_scored_without_probes_is_never_accepted_even_under_gates_it_no
     alone = decide({"width": unprobed(NOISY, why="max_step_ppl_increase 0.6 vs 0.5 (FAIL)")}, {"width": 100},
                    current, DENSE, loose)
     assert not alone["accepted"]
-    assert "not probed (FAIL: ruled out when scored by max_step_ppl_increase" in alone["reason"]
+    assert alone["reason"] == "gates crossed - width: not probed (FAIL)"
+    why = "max_step_ppl_increase 0.6 vs 0.5 (FAIL)"
+    assert alone["gates"]["width"] == [{"gate": "probed", "observed": why, "passed": False}]
     # beside a probed candidate that is worse on perplexity, the probed one is kept
     worse = [x + 0.01 for x in NOISY]
     pair = decide({"depth": record(worse, [0.1] * 6), "width": unprobed(NOISY)}, {"depth": 100, "width": 100},
