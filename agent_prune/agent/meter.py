@@ -5,7 +5,9 @@ mark when ``5`` is written to ``/proc/self/clear_refs``, so each measured stretc
 peak rather than the process's; where the reset is refused (not Linux, or a locked-down /proc) the
 figure is the process peak so far and the record says so (``peak_scope: "process"``). On CUDA the
 allocator's peak is reset and read the same way. Measurements nest: a phase inside a node resets
-the high-water mark, so the node keeps the largest peak its phases saw.
+the high-water mark, so the node keeps the largest peak its phases saw. Each stretch starts on a
+trimmed heap (``heap.release_memory``), so its peak does not hold the pages the stretch before it
+freed.
 
 CPU time (user and system) and minor page faults come from ``getrusage`` of this process (worker
 processes are not in them): a stretch whose system time is a large share of its CPU time spends it
@@ -20,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import ClassVar
+
+from agent_prune.heap import release_memory
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -71,6 +75,7 @@ class Meter:
         cuda = _cuda()
         if Meter._open:  # the reset below would lose the enclosing stretch's peak so far
             Meter._open[-1].carry(rss_bytes()[1] or 0, cuda.max_memory_allocated() if cuda else 0)
+        release_memory()
         self.scoped = reset_rss_peak()
         self.inner_peak = 0  # the largest peak seen before nested measurements reset the marks
         self.inner_cuda_peak = 0

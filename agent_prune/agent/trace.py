@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent_prune.agent.meter import Meter
-from agent_prune.heap import release_memory
 
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "AGENT_PRUNE_PLANNER_API_KEY", "HF_TOKEN")
 
@@ -70,10 +69,8 @@ class TraceWriter:
 
         The body may add fields to the yielded dict (e.g. an iteration known only at the end). Nothing
         is written when the body raises: a rerun after a crash measures the stretch again. Each
-        stretch (a graph node, a report task) starts on a trimmed heap, so neither its peak nor the
-        run's holds the pages the stretch before it freed (``heap.release_memory``)."""
+        stretch (a graph node, a report task) starts on a trimmed heap (:class:`Meter`)."""
         fields: dict = {"iteration": iteration, **payload}
-        release_memory()
         with Meter() as meter:
             yield fields
         iteration = fields.pop("iteration")

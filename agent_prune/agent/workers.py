@@ -24,7 +24,6 @@ import torch
 
 from agent_prune.agent.meter import Meter
 from agent_prune.errors import InvalidActionError
-from agent_prune.heap import release_memory
 from agent_prune.io import read_json
 
 if TYPE_CHECKING:
@@ -76,8 +75,7 @@ def torch_threads(count: int | None) -> Iterator[None]:
 def metered(ctx: RunContext, task: str, job: dict) -> tuple[Any, dict]:
     """``(result, figures)`` of one job: its wall time, peak and end RSS, CPU time and page faults
     (``agent.meter``; in a worker, that process's own), which the trace records per candidate."""
-    release_memory()  # each job starts on a trimmed heap, as a traced stretch does (trace.measure)
-    with Meter() as meter:
+    with Meter() as meter:  # on a trimmed heap, as every measured stretch
         result = TASKS[task](ctx, **job)
     return result, meter.figures()
 

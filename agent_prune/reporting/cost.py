@@ -75,18 +75,22 @@ def iteration_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _figures(record: dict) -> dict:
+    """One measured stretch's seconds, peak and end RSS, CPU time and faults."""
+    return {"seconds": round(record["duration_s"], 1), "peak_rss_mb": record.get("peak_rss_mb"),
+            "rss_mb": record.get("rss_mb"), **_cpu([record])}
+
+
 def phase_rows(records: list[dict]) -> list[dict]:
-    return [{"phase": r["phase"], "seconds": round(r["duration_s"], 1), "peak_rss_mb": r.get("peak_rss_mb"),
-             "rss_mb": r.get("rss_mb"), **_cpu([r])} for r in records if r["event"] == "phase"]
+    return [{"phase": r["phase"], **_figures(r)} for r in records if r["event"] == "phase"]
 
 
 def candidate_rows(records: list[dict]) -> list[dict]:
     """Per candidate built or scored: its job's seconds, peak and end RSS, CPU time and faults (the
     build and evaluate nodes' shares; with ``--workers`` the worker process's own figures)."""
     jobs = {"candidate_built": "build", "candidate_scored": "score"}
-    return [{"iteration": r["iteration"], "job": jobs[r["event"]], "branch": r["branch"],
-             "seconds": round(r["duration_s"], 1), "peak_rss_mb": r.get("peak_rss_mb"),
-             "rss_mb": r.get("rss_mb"), **_cpu([r])} for r in records if r["event"] in jobs]
+    return [{"iteration": r["iteration"], "job": jobs[r["event"]], "branch": r["branch"], **_figures(r)}
+            for r in records if r["event"] in jobs]
 
 
 def breakdown_markdown(records: list[dict]) -> str:
